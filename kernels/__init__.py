@@ -1,0 +1,1 @@
+"""Triton kernels of curvfast (installed as ``curvfast.kernels``)."""
