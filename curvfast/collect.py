@@ -1,0 +1,360 @@
+"""K-FAC factor collection: A = E[x xᵀ] and G = E[g gᵀ] per tracked linear layer.
+
+Conventions (recorded in every FactorSet's metadata as ``CONVENTION``):
+
+- Causal LM: position t of a sequence is a sample iff tokens t and t+1 are both real
+  (attention_mask) and, when labels are given, ``labels[t+1] != -100``.
+- Classifier (logits of shape (B, C)): one sample per example, read at the CLS position 0.
+- ``A`` = mean over samples of x xᵀ (x: the layer input at that position).
+- ``G`` = mean over samples of g gᵀ, g = ∂(sum of the counted per-sample losses)/∂(layer output).
+- fisher="true": each sample's target is drawn from the model's own softmax (seeded);
+  fisher="empirical": the data's next token (or label).
+
+Only activation gradients are formed: every parameter is frozen for the duration, the
+backward pass starts at the tracked layers' outputs and so stops below the lowest of them.
+The model is restored exactly (requires_grad flags, train/eval mode, no hooks) afterwards,
+also when collection fails.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvfast import __version__, ops
+from curvfast.modules import LayerSpec, ModuleSpec, dims, resolve_modules
+
+CONVENTION = (
+    "causal_lm: position t counts iff tokens t and t+1 are real (and labels[t+1] != -100); "
+    "classifier: one sample per example at position 0; "
+    "A = mean over samples of x x^T; G = mean over samples of g g^T, "
+    "g = d(sum of counted per-sample losses)/d(layer output)"
+)
+FISHER_TYPES = ("true", "empirical")
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf met in an activation or gradient during collection."""
+
+
+@dataclass
+class Factors:
+    """K-FAC factors of one weight ``W: (d_out, d_in)``.
+
+    A: (d_in, d_in) float32, G: (d_out, d_out) float32, both symmetric, divided by ``tokens``.
+    ``a_key`` names the group of modules that read the same input and share this A.
+    """
+
+    A: torch.Tensor
+    G: torch.Tensor
+    tokens: int
+    a_key: str
+
+    @property
+    def d_in(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def d_out(self) -> int:
+        return self.G.shape[0]
+
+
+@dataclass
+class FactorSet(Mapping):
+    """Mapping from module name to :class:`Factors`, plus metadata."""
+
+    factors: dict[str, Factors]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Factors:
+        return self.factors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.meta.get("tokens", 0))
+
+    def __repr__(self) -> str:
+        return f"FactorSet({len(self)} modules, {self.tokens} tokens, fisher={self.meta.get('fisher')!r})"
+
+
+def _as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        batch = {"input_ids": batch}
+    elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], (list, tuple, int)):
+        batch = {"input_ids": torch.as_tensor(batch)}
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"a batch must be a dict (input_ids, attention_mask, labels) or a tensor of ids, "
+                        f"got {type(batch).__name__}")
+    out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    ids = out.get("input_ids")
+    if ids is not None and ids.dim() == 1:
+        out = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) and v.dim() == 1 else v) for k, v in out.items()}
+    return out
+
+
+def _counted_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into (B*L) of counted positions, and their empirical targets."""
+    ids = batch["input_ids"]
+    B, L = ids.shape
+    mask = batch.get("attention_mask")
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    valid = torch.zeros_like(real)
+    valid[:, :-1] = real[:, :-1] & real[:, 1:]
+    nxt = torch.zeros_like(ids)
+    labels = batch.get("labels")
+    nxt[:, :-1] = ids[:, 1:] if labels is None else labels[:, 1:]
+    if labels is not None:
+        valid[:, :-1] &= labels[:, 1:] != -100
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    return index, nxt.reshape(-1)[index]
+
+
+class _Collector:
+    """Hooks that accumulate A and G for a set of modules (one instance per collection)."""
+
+    def __init__(self, model: nn.Module, names: list[str], backend: str, check_finite: bool):
+        self.model = model
+        self.names = names
+        self.backend = backend
+        self.check_finite = check_finite
+        self.modules = {n: model.get_submodule(n) for n in names}
+        self.a_owner: dict[str, str] = {}  # module -> name of the module whose A it shares
+        self.a_acc: dict[str, torch.Tensor] = {}
+        self.g_acc: dict[str, torch.Tensor] = {}
+        self.index: Optional[torch.Tensor] = None  # flat sample positions (None: classifier)
+        self.examples = 0  # examples in the current batch
+        self.batch_no = 0
+        self._seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}
+        self._calls: dict[str, int] = {}
+        self._bad: list[tuple[str, str, torch.Tensor]] = []
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.handles: list[Any] = []
+
+    # -- hooks -----------------------------------------------------------------------
+    def install(self) -> None:
+        for name, mod in self.modules.items():
+            self.handles.append(mod.register_forward_pre_hook(self._pre_hook(name)))
+            self.handles.append(mod.register_forward_hook(self._post_hook(name)))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _rows(self, t: torch.Tensor, name: str, what: str) -> torch.Tensor:
+        if self.index is None:  # classifier: position 0 (CLS) of each example
+            rows = t.reshape(self.examples, -1, t.shape[-1])[:, 0]
+        else:
+            rows = t.reshape(-1, t.shape[-1]).index_select(0, self.index)
+        if self.check_finite:
+            self._bad.append((name, what, torch.isfinite(rows).all()))
+        return rows
+
+    def _pre_hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if self._calls[name] > 1:
+                raise RuntimeError(f"module {name} was called more than once in one forward pass; "
+                                   "curvfast counts one call per position (weight sharing is not supported)")
+            seen = self._seen_inputs.get(id(x))
+            owner = seen[1] if seen is not None and seen[0] is x else name
+            if self.batch_no == 0:
+                self.a_owner[name] = owner
+            elif self.a_owner.get(name) != owner:
+                raise RuntimeError(f"module {name} read a different input than in the first batch "
+                                   f"(shared with {self.a_owner.get(name)!r} then, {owner!r} now)")
+            if owner != name:
+                return None
+            self._seen_inputs[id(x)] = (x, name)
+            rows = self._rows(x.detach(), name, "input")
+            acc = self.a_acc.get(name)
+            if acc is None:
+                acc = self.a_acc[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32,
+                                                     device=rows.device)
+            self._pending.append((acc, rows))
+            return None
+
+        return hook
+
+    def _post_hook(self, name: str):
+        def hook(module, args, out):
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"module {name} returned {type(out).__name__}, expected a tensor")
+            if not out.requires_grad:
+                # No tracked layer below: start the graph here (a leaf), so backward stops here.
+                out.requires_grad_(True)
+            out.register_hook(self._grad_hook(name))
+            return None
+
+        return hook
+
+    def _grad_hook(self, name: str):
+        def hook(grad):
+            rows = self._rows(grad.detach(), name, "output gradient")
+            acc = self.g_acc.get(name)
+            if acc is None:
+                acc = self.g_acc[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32,
+                                                     device=rows.device)
+            self._pending.append((acc, rows))
+            return None
+
+        return hook
+
+    # -- per batch ---------------------------------------------------------------------
+    def flush(self) -> None:
+        """Apply queued updates in one grouped call (one launch per phase on GPU)."""
+        if self._pending:
+            accs, xs = zip(*self._pending)
+            self._pending = []
+            ops.covariance_update_grouped(list(accs), list(xs), None, backend=self.backend)
+
+    def end_batch(self) -> None:
+        bad = self._bad
+        self._bad = []
+        if bad:
+            flags = torch.stack([b[2] for b in bad]).cpu()
+            if not bool(flags.all()):
+                name, what, _ = bad[int((~flags).nonzero()[0])]
+                raise NonFiniteError(f"NaN/Inf in the {what} of module {name!r} at batch {self.batch_no}; "
+                                     "collection stopped (check the data and the model's dtype)")
+        self._seen_inputs.clear()
+        self._calls.clear()
+        missing = [n for n in self.names if n not in self.g_acc or n not in self.a_owner]
+        if missing:
+            raise RuntimeError(f"modules {missing} took no part in the loss of batch {self.batch_no} "
+                               "(are they used by the model's forward?)")
+        self.batch_no += 1
+
+
+def collect_factors(
+    model: nn.Module,
+    batches: Iterable[Any],
+    modules: ModuleSpec = "mlp",
+    layers: LayerSpec = None,
+    fisher: str = "true",
+    seed: Optional[int] = None,
+    progress: bool = True,
+    max_tokens: Optional[int] = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> FactorSet:
+    """Collect K-FAC factors of ``modules`` over ``batches``.
+
+    model: a transformers causal LM (logits (B, L, V)) or classifier (logits (B, C)).
+    batches: iterable of dicts with ``input_ids`` (B, L) and optional ``attention_mask`` /
+        ``labels``, or of id tensors; for classifiers, dicts of model inputs plus ``labels``.
+    modules / layers: see :func:`curvfast.modules.resolve_modules`.
+    fisher: "true" (targets sampled from the model, reproducible with ``seed``) or "empirical".
+    max_tokens: stop after the batch that reaches this many counted samples.
+    Returns a :class:`FactorSet`; modules that read the same input share one A tensor.
+    """
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    from curvfast.store import model_identity
+
+    names = resolve_modules(model, modules, layers)
+    device = next(model.parameters()).device
+    generator = None
+    if fisher == "true":
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.initial_seed() % (2**63))
+
+    col = _Collector(model, names, backend, check_finite)
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    tokens = 0
+    started = time.time()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_tokens, unit="tok", desc="collect factors", unit_scale=True, dynamic_ncols=True)
+    try:
+        for p, _ in saved_flags:
+            p.requires_grad_(False)
+        model.eval()
+        col.install()
+        for raw in batches:
+            batch = _as_batch(raw, device)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            if "input_ids" in batch and batch["input_ids"].dim() == 2 and "pixel_values" not in batch:
+                index, targets = _counted_positions(batch)
+                classifier = False
+            else:
+                n = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+                index, targets, classifier = None, batch.get("labels"), True
+                if n == 0:
+                    continue
+            if index is not None and index.numel() == 0:
+                continue
+            col.index = index
+            col.examples = n if classifier else 0
+            with torch.enable_grad():
+                out = model(**inputs) if classifier else model(**inputs, use_cache=False)
+                logits = out.logits if hasattr(out, "logits") else out[0]
+                if classifier:
+                    sel = logits.float()
+                    if fisher == "empirical" and targets is None:
+                        raise ValueError("fisher='empirical' on a classifier needs 'labels' in each batch")
+                else:
+                    sel = logits.reshape(-1, logits.shape[-1]).index_select(0, index).float()
+                if fisher == "true":
+                    with torch.no_grad():
+                        probs = torch.softmax(sel.detach(), dim=-1)
+                        targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                loss = F.cross_entropy(sel, targets.to(sel.device), reduction="sum")
+                col.flush()
+                loss.backward()
+            col.flush()
+            col.end_batch()
+            count = int(sel.shape[0])
+            tokens += count
+            if bar is not None:
+                bar.update(count)
+            if max_tokens is not None and tokens >= max_tokens:
+                break
+    finally:
+        col.remove()
+        col._pending.clear()
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    if tokens == 0:
+        raise ValueError("no counted positions in the data: every batch was empty or all padding "
+                         "(a position counts when it and the next one are real tokens)")
+    a_mean = {key: acc / tokens for key, acc in col.a_acc.items()}
+    factors = {}
+    for name in names:
+        key = col.a_owner[name]
+        d_out, d_in = dims(col.modules[name])
+        A, G = a_mean[key], col.g_acc[name] / tokens
+        if A.shape[0] != d_in or G.shape[0] != d_out:
+            raise RuntimeError(f"factor shapes of {name} ({tuple(G.shape)}, {tuple(A.shape)}) do not match "
+                               f"its weight ({d_out}, {d_in})")
+        factors[name] = Factors(A=A, G=G, tokens=tokens, a_key=key)
+    meta = {
+        "fisher": fisher,
+        "seed": seed,
+        "tokens": tokens,
+        "convention": CONVENTION,
+        "loss_scale": "sum over counted samples; factors divided by the sample count",
+        "curvfast_version": __version__,
+        "seconds": round(time.time() - started, 3),
+        **model_identity(model, names),
+    }
+    return FactorSet(factors, meta)
+
