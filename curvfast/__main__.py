@@ -1,0 +1,5 @@
+import sys
+
+from curvfast.cli import main
+
+sys.exit(main())
