@@ -19,7 +19,8 @@ EXAMPLES = {
               --tokens 2000000 --seq-len 512 --out factors.safetensors
         Data: .txt files (one document each), .jsonl with a "text" or "input_ids" field, or a
         directory of them. Targets are sampled from the model (--fisher true, the default), so no
-        labels are needed.""",
+        labels are needed. The job saves its state to OUT.ckpt every --checkpoint-every tokens;
+        if it is killed, run the same command again to resume.""",
     "eigen": """\
         example:
           curvfast eigen factors.safetensors --out eigen.safetensors
@@ -181,8 +182,12 @@ def cmd_collect(args) -> int:
           f"{batches.tokens} data tokens, fisher={args.fisher}", file=sys.stderr)
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
+    if ckpt.exists():
+        print(f"resuming from checkpoint {ckpt}", file=sys.stderr)
     fs = curvfast.collect_factors(model, batches, modules=names, fisher=args.fisher, seed=args.seed,
-                                  progress=not args.quiet, max_tokens=args.tokens, backend=args.backend)
+                                  progress=not args.quiet, max_tokens=args.tokens, backend=args.backend,
+                                  checkpoint=ckpt, checkpoint_every=args.checkpoint_every)
     fs.meta["model_name"] = str(_model_dir(args.model).resolve())
     curvfast.save_factors(fs, out)
     print(f"wrote {out}: {len(fs)} modules, {fs.tokens} tokens", file=sys.stderr)
@@ -371,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled targets (default 0)")
     p.add_argument("--backend", default="auto", help="covariance backend: auto, torch, cpp, cuda, triton")
+    p.add_argument("--checkpoint", default=None,
+                   help="resumable-state file (default: OUT.ckpt); rerun the same command after a crash to resume")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=1_000_000,
+                   help="save the resumable state every this many tokens (default 1000000)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     _common_model_args(p)
     p.set_defaults(func=cmd_collect)

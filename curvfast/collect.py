@@ -17,10 +17,11 @@ also when collection fails.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +250,8 @@ def collect_factors(
     max_tokens: Optional[int] = None,
     backend: str = "auto",
     check_finite: bool = True,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    checkpoint_every: int = 1_000_000,
 ) -> FactorSet:
     """Collect K-FAC factors of ``modules`` over ``batches``.
 
@@ -258,6 +261,10 @@ def collect_factors(
     modules / layers: see :func:`curvfast.modules.resolve_modules`.
     fisher: "true" (targets sampled from the model, reproducible with ``seed``) or "empirical".
     max_tokens: stop after the batch that reaches this many counted samples.
+    checkpoint: file for resumable collection: the state is saved there atomically every
+        ``checkpoint_every`` counted samples; if it exists when the call starts, collection
+        resumes from it (the data iterable must yield the same batches again; the consumed
+        ones are skipped). Removed once collection finishes.
     Returns a :class:`FactorSet`; modules that read the same input share one A tensor.
     """
     if fisher not in FISHER_TYPES:
@@ -272,21 +279,43 @@ def collect_factors(
         generator.manual_seed(seed if seed is not None else torch.initial_seed() % (2**63))
 
     col = _Collector(model, names, backend, check_finite)
+    tokens = 0
+    consumed = 0  # batches taken from the iterator, counted or not
+    job = {"modules": names, "fisher": fisher, "seed": seed, "max_tokens": max_tokens,
+           "model_fingerprint": model_identity(model)["model_fingerprint"]}
+    if checkpoint is not None:
+        from curvfast.resume import load_state
+
+        if fisher == "true" and seed is None:
+            raise ValueError("resumable collection with fisher='true' needs a seed")
+        state = load_state(checkpoint, job, device)
+        if state is not None:
+            col.a_acc, col.g_acc, col.a_owner = state.a_acc, state.g_acc, state.a_owner
+            col.batch_no = state.batches
+            tokens, consumed = state.tokens, state.batches
+            if generator is not None and state.rng is not None:
+                generator.set_state(state.rng)
+    last_saved = tokens
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    tokens = 0
     started = time.time()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_tokens, unit="tok", desc="collect factors", unit_scale=True, dynamic_ncols=True)
+        bar = tqdm(total=max_tokens, initial=tokens, unit="tok", desc="collect factors", unit_scale=True,
+                   dynamic_ncols=True)
     try:
         for p, _ in saved_flags:
             p.requires_grad_(False)
         model.eval()
         col.install()
-        for raw in batches:
+        for i, raw in enumerate(batches):
+            if i < consumed:
+                continue  # resuming: these batches are already in the accumulators
+            if max_tokens is not None and tokens >= max_tokens:
+                break
+            consumed = i + 1
             batch = _as_batch(raw, device)
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             if "input_ids" in batch and batch["input_ids"].dim() == 2 and "pixel_values" not in batch:
@@ -323,8 +352,9 @@ def collect_factors(
             tokens += count
             if bar is not None:
                 bar.update(count)
-            if max_tokens is not None and tokens >= max_tokens:
-                break
+            if checkpoint is not None and tokens - last_saved >= checkpoint_every:
+                _save_checkpoint(checkpoint, job, col, tokens, consumed, generator)
+                last_saved = tokens
     finally:
         col.remove()
         col._pending.clear()
@@ -333,6 +363,8 @@ def collect_factors(
         model.train(was_training)
         if bar is not None:
             bar.close()
+    if checkpoint is not None and os.path.exists(checkpoint):
+        os.unlink(checkpoint)
     if tokens == 0:
         raise ValueError("no counted positions in the data: every batch was empty or all padding "
                          "(a position counts when it and the next one are real tokens)")
@@ -358,3 +390,10 @@ def collect_factors(
     }
     return FactorSet(factors, meta)
 
+
+def _save_checkpoint(path, job, col: "_Collector", tokens: int, consumed: int, generator) -> None:
+    from curvfast.resume import CollectionState, save_state
+
+    save_state(path, CollectionState(job=job, a_acc=col.a_acc, g_acc=col.g_acc, a_owner=col.a_owner,
+                                     tokens=tokens, batches=consumed,
+                                     rng=generator.get_state() if generator is not None else None))

@@ -127,14 +127,35 @@ def _metadata(kind: str, meta: dict[str, Any], modules: dict[str, dict]) -> dict
     }
 
 
-def save_factors(factors: FactorSet, path: PathLike) -> Path:
-    """Write a FactorSet atomically (temporary file + rename)."""
+def pack_lower(M: torch.Tensor) -> torch.Tensor:
+    """Lower triangle of a symmetric (n, n) matrix, row by row: n(n+1)/2 values."""
+    n = M.shape[0]
+    rows, cols = torch.tril_indices(n, n, device=M.device)
+    return M[rows, cols]
+
+
+def unpack_lower(v: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_lower`: the full symmetric matrix."""
+    if v.numel() != n * (n + 1) // 2:
+        raise StoreError(f"packed factor has {v.numel()} values, expected {n * (n + 1) // 2} for n = {n}")
+    M = torch.zeros(n, n, dtype=v.dtype, device=v.device)
+    rows, cols = torch.tril_indices(n, n, device=v.device)
+    M[rows, cols] = v
+    M[cols, rows] = v
+    return M
+
+
+def save_factors(factors: FactorSet, path: PathLike, packed: bool = True) -> Path:
+    """Write a FactorSet atomically (temporary file + rename). ``packed`` stores only the lower
+    triangle of each symmetric factor (half the file size)."""
+    store = pack_lower if packed else (lambda M: M)
     tensors: dict[str, torch.Tensor] = {}
     modules = {}
     for name, f in factors.items():
-        tensors.setdefault(f"A/{f.a_key}", f.A)
-        tensors[f"G/{name}"] = f.G
-        modules[name] = {"a_key": f.a_key, "d_out": f.d_out, "d_in": f.d_in, "tokens": f.tokens}
+        if f"A/{f.a_key}" not in tensors:
+            tensors[f"A/{f.a_key}"] = store(f.A)
+        tensors[f"G/{name}"] = store(f.G)
+        modules[name] = {"a_key": f.a_key, "d_out": f.d_out, "d_in": f.d_in, "tokens": f.tokens, "packed": packed}
     return _atomic_save(tensors, _metadata("factors", factors.meta, modules), path)
 
 
@@ -144,11 +165,16 @@ def load_factors(path: PathLike, model: nn.Module | None = None) -> FactorSet:
     if model is not None:
         check_model(meta, modules, model, path)
     out = {}
+    shared: dict[str, torch.Tensor] = {}
     for name, info in modules.items():
         try:
             A, G = tensors[f"A/{info['a_key']}"], tensors[f"G/{name}"]
         except KeyError as e:
             raise StoreError(f"{path}: tensor {e} is missing") from None
+        if info.get("packed"):
+            if info["a_key"] not in shared:
+                shared[info["a_key"]] = unpack_lower(A, info["d_in"])
+            A, G = shared[info["a_key"]], unpack_lower(G, info["d_out"])
         if A.shape != (info["d_in"], info["d_in"]) or G.shape != (info["d_out"], info["d_out"]):
             raise StoreError(f"{path}: factor shapes of {name} do not match its metadata")
         out[name] = Factors(A=A, G=G, tokens=info["tokens"], a_key=info["a_key"])

@@ -153,3 +153,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         curvfast.save_factors(fs, path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["f.safetensors"]
+
+
+def test_packed_factors_half_the_size(tmp_path):
+    model = make("llama")
+    fs = curvfast.collect_factors(model, [lm_batch()], fisher="empirical", progress=False)
+    packed = curvfast.save_factors(fs, tmp_path / "p.safetensors")
+    full = curvfast.save_factors(fs, tmp_path / "f.safetensors", packed=False)
+    ratio = packed.stat().st_size / full.stat().st_size
+    assert 0.45 < ratio < 0.62  # n(n+1)/2 of n² values, plus the header
+    a, b = curvfast.load_factors(packed), curvfast.load_factors(full)
+    for n in fs:
+        assert torch.equal(a[n].A, b[n].A) and torch.equal(a[n].G, fs[n].G)
+    assert a["model.layers.0.mlp.gate_proj"].A is a["model.layers.0.mlp.up_proj"].A
