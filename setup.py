@@ -40,7 +40,10 @@ def _sources(pattern: str) -> list[str]:
 
 with_cuda, cuda_reason = _want_cuda()
 sources = ["csrc/bindings.cpp"] + _sources("csrc/cpu/*.cpp")
-cxx_flags = ["-O3", "-g0", "-std=c++17", "-fvisibility=hidden"]
+# torch >= 2.14 headers need C++20; older ones build with C++17.
+_torch_minor = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+CXX_STD = "-std=c++20" if _torch_minor >= (2, 14) else "-std=c++17"
+cxx_flags = ["-O3", "-g0", CXX_STD, "-fvisibility=hidden"]
 define_macros = [("TORCH_EXTENSION_NAME", "_C")]
 if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
@@ -52,7 +55,7 @@ if with_cuda:
         define_macros=define_macros,
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            "nvcc": ["-O3", CXX_STD, "--expt-relaxed-constexpr", "-lineinfo"],
         },
     )
 else:

@@ -210,19 +210,21 @@ def cmd_eigen(args) -> int:
     return 0
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory into place; an old one is removed only afterwards."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _meta_model(src: Path, trust_remote_code: bool):
+    """The model's module tree on the meta device: names and shapes, no weights, no memory."""
+    import torch
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(str(src), local_files_only=True, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
 
 
 def cmd_edit(args) -> int:
     import curvfast
+    from curvfast.edit import format_reports
+    from curvfast.shards import LazyEigen, _replace_dir, checkpoint_targets, edit_checkpoint
+    from curvfast.store import check_model
 
     if (args.eigen is None) == (args.factors is None):
         raise CliError("give exactly one of --eigen or --factors")
@@ -233,39 +235,53 @@ def cmd_edit(args) -> int:
     if out.resolve() == src.resolve():
         raise CliError("--out must differ from the input model directory")
     device = _device(args.device)
-    model = load_model(args.model, device, _dtype(args.dtype, device), args.trust_remote_code)
+    skeleton = _meta_model(src, args.trust_remote_code)
     if args.eigen is not None:
-        eigen = curvfast.load_eigen(args.eigen, model=model)
+        eigen = LazyEigen(args.eigen)
     else:
-        eigen = curvfast.eigendecompose(curvfast.load_factors(args.factors, model=model), device=device,
-                                        progress=not args.quiet)
+        fs = curvfast.load_factors(args.factors)
+        check_model(fs.meta, {n: {"d_out": f.d_out, "d_in": f.d_in} for n, f in fs.items()}, skeleton, args.factors)
+        eigen = curvfast.eigendecompose(fs, device=device, progress=not args.quiet)
+    if isinstance(eigen, LazyEigen):
+        check_model(eigen.meta, eigen.modules, skeleton, args.eigen)
     names = list(eigen)
     if args.modules:
         spec = args.modules.split(",") if "," in args.modules else args.modules
-        chosen = set(curvfast.resolve_modules(model, spec, args.layers))
+        chosen = set(curvfast.resolve_modules(skeleton, spec, args.layers))
         names = [n for n in names if n in chosen]
         if not names:
             raise CliError(f"none of the selected modules has an eigenbasis in {args.eigen or args.factors}")
-    result = curvfast.edit_model(model, eigen, rho=args.rho, modules=names)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        for f in src.iterdir():  # tokenizer and other side files, never weights
-            if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith((".safetensors", ".bin", ".pt")) \
-                    and f.name != "model.safetensors.index.json":
-                shutil.copy2(f, tmp / f.name)
-        report = {"source": str(src.resolve()), "rho": args.rho, "eigen": args.eigen, "factors": args.factors,
-                  "meta": eigen.meta, "modules": result.reports, "curvfast_version": curvfast.__version__,
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (tmp / "edit_report.json").write_text(json.dumps(report, indent=2, default=str))
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        checkpoint_targets(src, eigen, names)
+        streamed = True
+    except KeyError:
+        streamed = False  # weights stored under other names: edit a loaded model instead
+    if streamed:
+        report = edit_checkpoint(src, eigen, out, rho=args.rho, modules=names, overwrite=args.overwrite,
+                                 progress=not args.quiet, device=device)
+        reports = report["modules"]
+    else:
+        model = load_model(args.model, device, _dtype(args.dtype, device), args.trust_remote_code)
+        result = curvfast.edit_model(model, eigen, rho=args.rho, modules=names)
+        reports = result.reports
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            for f in src.iterdir():  # tokenizer and other side files, never weights
+                if f.is_file() and not (tmp / f.name).exists() and not f.name.endswith((".safetensors", ".bin", ".pt")):
+                    shutil.copy2(f, tmp / f.name)
+            report = {"source": str(src.resolve()), "rho": args.rho, "meta": eigen.meta, "modules": reports,
+                      "mode": "loaded model, save_pretrained"}
+            (tmp / "edit_report.json").write_text(json.dumps(report, indent=2, default=str))
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if not args.quiet:
-        print(result.summary())
-    print(f"wrote {out} ({len(names)} modules edited at rho={args.rho})", file=sys.stderr)
+        print(format_reports(reports))
+    print(f"wrote {out} ({len(names)} modules edited at rho={args.rho}, "
+          f"{'streamed shard by shard' if streamed else 'via the loaded model'})", file=sys.stderr)
     return 0
 
 

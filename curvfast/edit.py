@@ -54,7 +54,7 @@ def edit_weight(W: torch.Tensor, evals_G: torch.Tensor, evecs_G: torch.Tensor, e
         return W.clone()
     UG, UA = evecs_G.float(), evecs_A.to(device=dev, dtype=torch.float32)
     C = UG.T @ W.to(device=dev, dtype=torch.float32) @ UA
-    C.mul_(keep_mask(k, d_in, device=dev))
+    C.masked_fill_(~keep_mask(k, d_in, device=dev), 0.0)
     return (UG @ C @ UA.T).to(device=W.device, dtype=W.dtype)
 
 
@@ -96,10 +96,15 @@ class EditResult:
         self._originals = {}
 
     def summary(self) -> str:
-        lines = [f"{'module':<48} {'kept mass':>9} {'kept pairs':>11} {'|dW|/|W|':>9}"]
-        for name, r in self.reports.items():
-            lines.append(f"{name:<48} {r['kept_mass']:>9.4f} {r['kept_fraction']:>10.2%} {r['rel_change']:>9.4f}")
-        return "\n".join(lines)
+        return format_reports(self.reports)
+
+
+def format_reports(reports: Mapping[str, dict]) -> str:
+    """A table of per-module edit reports."""
+    lines = [f"{'module':<48} {'kept mass':>9} {'kept pairs':>11} {'|dW|/|W|':>9}"]
+    for name, r in reports.items():
+        lines.append(f"{name:<48} {r['kept_mass']:>9.4f} {r['kept_fraction']:>10.2%} {r['rel_change']:>9.4f}")
+    return "\n".join(lines)
 
 
 def edit_model(model: nn.Module, eigen: Mapping, rho: Union[float, Mapping[str, float]] = 0.6,
@@ -140,15 +145,25 @@ def edit_model(model: nn.Module, eigen: Mapping, rho: Union[float, Mapping[str, 
             k = keep_counts(e.evals_G, e.evals_A, rhos[n])
             new = edit_weight(W, e.evals_G, e.evecs_G, e.evals_A, e.evecs_A, rhos[n], k=k)
             result._originals[n] = W.detach().clone()
-            norm = float(W.float().norm())
-            delta = float((new.float() - W.float()).norm())
+            result.reports[n] = edit_report(W, new, e.evals_G, e.evals_A, k, rhos[n])
             W.copy_(new)
-            d_out, d_in = W.shape
-            kept = int(k.sum())
-            result.reports[n] = {
-                "rho": rhos[n], "kept_mass": kept_mass(e.evals_G, e.evals_A, k), "kept_pairs": kept,
-                "kept_fraction": kept / (d_out * d_in), "g_vectors_touched": int((k < d_in).sum()),
-                "a_vectors_touched": d_in - int(k.min()) if d_out else 0,
-                "rel_change": delta / norm if norm > 0 else 0.0, "shape": [d_out, d_in],
-            }
     return result
+
+
+def edit_report(W: torch.Tensor, new: torch.Tensor, evals_G: torch.Tensor, evals_A: torch.Tensor,
+                k: torch.Tensor, rho: float) -> dict:
+    """What an edit did to one weight: kept mass and pairs, eigenvectors touched, ‖ΔW‖/‖W‖."""
+    d_out, d_in = W.shape
+    sq_norm = sq_delta = 0.0
+    for r in range(0, d_out, 1024):  # in row blocks: no full-size fp32 copies of big weights
+        w = W[r:r + 1024].float()
+        sq_norm += float(w.square().sum())
+        sq_delta += float((new[r:r + 1024].float() - w).square().sum())
+    norm, delta = sq_norm ** 0.5, sq_delta ** 0.5
+    kept = int(k.sum())
+    return {
+        "rho": rho, "kept_mass": kept_mass(evals_G, evals_A, k), "kept_pairs": kept,
+        "kept_fraction": kept / (d_out * d_in) if d_out * d_in else 1.0,
+        "g_vectors_touched": int((k < d_in).sum()), "a_vectors_touched": d_in - int(k.min()) if d_out else 0,
+        "rel_change": delta / norm if norm > 0 else 0.0, "shape": [d_out, d_in],
+    }

@@ -38,21 +38,28 @@ class StoreError(ValueError):
     """A file is not a readable curvfast file of the expected kind, or does not fit the model."""
 
 
-def model_identity(model: nn.Module, names: list[str] | None = None) -> dict[str, Any]:
-    """Identity of a model: type, name and a fingerprint of its architecture."""
-    cfg = getattr(model, "config", None)
-    arch: dict[str, Any] = {"class": type(model).__name__}
+def config_identity(cfg: Any, fallback: str = "") -> dict[str, Any]:
+    """Identity from a transformers config: type, name and a fingerprint of the architecture
+    (the fields that fix shapes; paths, dtypes and class names do not count)."""
+    arch: dict[str, Any] = {}
     if cfg is not None:
         for key in _ARCH_KEYS:
             val = getattr(cfg, key, None)
             if isinstance(val, (int, float, str)):
                 arch[key] = val
+    if not arch:
+        arch = {"class": fallback}
     fp = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
     return {
-        "model_type": getattr(cfg, "model_type", None) or type(model).__name__,
+        "model_type": getattr(cfg, "model_type", None) or fallback,
         "model_name": getattr(cfg, "_name_or_path", "") or "",
         "model_fingerprint": fp,
     }
+
+
+def model_identity(model: nn.Module, names: list[str] | None = None) -> dict[str, Any]:
+    """Identity of a model: type, name and a fingerprint of its architecture."""
+    return config_identity(getattr(model, "config", None), type(model).__name__)
 
 
 def check_model(meta: dict[str, Any], modules: dict[str, dict], model: nn.Module, path: PathLike = "") -> None:
@@ -79,7 +86,14 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        out, seen = {}, set()
+        for k, v in tensors.items():
+            v = v.detach().contiguous().cpu()
+            if v.numel() and v.untyped_storage().data_ptr() in seen:
+                v = v.clone()  # safetensors refuses aliased tensors
+            seen.add(v.untyped_storage().data_ptr())
+            out[k] = v
+        save_file(out, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -90,7 +104,16 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     return path
 
 
+def _read_header(path: PathLike, kind: str) -> tuple[dict[str, Any], dict[str, dict]]:
+    """(meta, modules) of a curvfast file, checked, without reading its tensors."""
+    return _open(path, kind, tensors=False)[1:]
+
+
 def _read(path: PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, dict]]:
+    return _open(path, kind, tensors=True)
+
+
+def _open(path: PathLike, kind: str, tensors: bool):
     from safetensors import safe_open
 
     path = Path(path)
@@ -109,12 +132,12 @@ def _read(path: PathLike, kind: str) -> tuple[dict[str, torch.Tensor], dict[str,
                                  f"({__version__}, format {FORMAT_VERSION}); upgrade curvfast")
             meta = json.loads(md["curvfast.meta"])
             modules = json.loads(md["curvfast.modules"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except StoreError:
         raise
     except Exception as e:  # safetensors reports truncation and garbage with its own errors
         raise StoreError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return tensors, meta, modules
+    return data, meta, modules
 
 
 def _metadata(kind: str, meta: dict[str, Any], modules: dict[str, dict]) -> dict[str, str]:
