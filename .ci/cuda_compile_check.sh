@@ -49,12 +49,6 @@ if [ "${KEEP_BUILD:-0}" != "1" ]; then trap 'rm -rf "$BUILD"' EXIT; fi
 (cd "$ROOT" && tar -cf - --exclude=./.git --exclude=./.cudavenv --exclude=./build --exclude='*.so' \
     --exclude='__pycache__' --exclude=./.whl --exclude=./.gl --exclude='*.egg-info' .) | (cd "$BUILD" && tar -xf -)
 echo "cuda_compile_check: building in $BUILD"
-# torch >= 2.14 headers need C++20; if setup.py still pins C++17, patch the private copy only.
-if "$VENV/bin/python" -c "import torch, sys; v = tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(v < (2, 14))" \
-    && grep -q -- '-std=c++17' "$BUILD/setup.py"; then
-  sed -i 's/-std=c++17/-std=c++20/g' "$BUILD/setup.py"
-  echo "cuda_compile_check: note: setup.py pins -std=c++17 but this torch needs C++20; built the copy with -std=c++20"
-fi
 
 # 3. build
 t_build=$(date +%s)

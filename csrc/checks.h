@@ -27,3 +27,7 @@
     TORCH_CHECK((w)->device() == (x).device(), "weight is on ", (w)->device(),           \
                 " but x is on ", (x).device());                                          \
   }
+
+#define CURVFAST_CHECK_CPU(t)                                                            \
+  TORCH_CHECK((t).device().is_cpu(), #t " must be a CPU tensor for the CPU kernel, got ", \
+              (t).device())

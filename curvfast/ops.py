@@ -34,6 +34,7 @@ class BackendUnavailable(RuntimeError):
 def _load_ext():
     try:
         from curvfast import _C  # noqa: F401  (registers torch.ops.curvfast.*)
+        from curvfast import _meta  # noqa: F401  (fake kernels for torch.compile / opcheck)
     except ImportError as e:
         return None, f"curvfast._C could not be imported ({e}); reinstall with `pip install -e . --no-build-isolation`"
     return _C, "built"
