@@ -20,7 +20,9 @@ EXAMPLES = {
         Data: .txt files (one document each), .jsonl with a "text" or "input_ids" field, or a
         directory of them. Targets are sampled from the model (--fisher true, the default), so no
         labels are needed. The job saves its state to OUT.ckpt every --checkpoint-every tokens;
-        if it is killed, run the same command again to resume.""",
+        if it is killed, run the same command again to resume.
+        Many GPUs: torchrun --nproc-per-node 8 -m curvfast collect ./my-model --data ... --out factors/
+        (each rank reads its share of the batches; one reduction per factor at the end).""",
     "eigen": """\
         example:
           curvfast eigen factors.safetensors --out eigen.safetensors
@@ -167,6 +169,9 @@ def cmd_collect(args) -> int:
     import curvfast
     from curvfast.data import text_batches
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return _collect_distributed(args, world)
     out = _check_out_file(args.out, args.overwrite)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
@@ -191,6 +196,48 @@ def cmd_collect(args) -> int:
     fs.meta["model_name"] = str(_model_dir(args.model).resolve())
     curvfast.save_factors(fs, out)
     print(f"wrote {out}: {len(fs)} modules, {fs.tokens} tokens", file=sys.stderr)
+    return 0
+
+
+def _collect_distributed(args, world: int) -> int:
+    """Under torchrun: every rank takes its share of the batches; --out is a directory that
+    receives one factors part per rank and factors.index.json (readable by eigen and edit)."""
+    import torch
+    import torch.distributed as dist
+
+    import curvfast
+    from curvfast.data import text_batches
+    from curvfast.distributed import collect_factors_distributed, save_distributed
+
+    out = Path(args.out).expanduser()
+    if (out / "factors.index.json").exists() and not args.overwrite:
+        raise CliError(f"{out} already holds factors; pass --overwrite to replace them")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and args.device in ("auto", "cuda"):
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend)
+    try:
+        rank = dist.get_rank()
+        model = load_model(args.model, device, _dtype(args.dtype, device), args.trust_remote_code)
+        tok = load_tokenizer(args.model, _needs_tokenizer(args.data), args.trust_remote_code)
+        modules = args.modules.split(",") if "," in args.modules else args.modules
+        names = curvfast.resolve_modules(model, modules, args.layers)
+        batches = text_batches(args.data, tok, seq_len=args.seq_len, batch_size=args.batch_size)
+        ckpt = out / f"factors-rank{rank:05d}.ckpt"
+        out.mkdir(parents=True, exist_ok=True)
+        fs = collect_factors_distributed(model, batches, modules=names, fisher=args.fisher, seed=args.seed,
+                                         progress=not args.quiet, backend=args.backend,
+                                         max_tokens=-(-args.tokens // world) if args.tokens else None,
+                                         checkpoint=ckpt, checkpoint_every=args.checkpoint_every)
+        index = save_distributed(fs, out, "factors")
+        if rank == 0:
+            print(f"wrote {index}: {len(fs.meta['owners'])} modules over {world} ranks, {fs.tokens} tokens",
+                  file=sys.stderr)
+    finally:
+        dist.destroy_process_group()
     return 0
 
 
@@ -224,7 +271,7 @@ def cmd_edit(args) -> int:
     import curvfast
     from curvfast.edit import format_reports
     from curvfast.shards import LazyEigen, _replace_dir, checkpoint_targets, edit_checkpoint
-    from curvfast.store import check_model
+    from curvfast.store import _is_index, check_model
 
     if (args.eigen is None) == (args.factors is None):
         raise CliError("give exactly one of --eigen or --factors")
@@ -236,7 +283,9 @@ def cmd_edit(args) -> int:
         raise CliError("--out must differ from the input model directory")
     device = _device(args.device)
     skeleton = _meta_model(src, args.trust_remote_code)
-    if args.eigen is not None:
+    if args.eigen is not None and _is_index(args.eigen):
+        eigen = curvfast.load_eigen(args.eigen, model=skeleton)  # parts of a distributed job
+    elif args.eigen is not None:
         eigen = LazyEigen(args.eigen)
     else:
         fs = curvfast.load_factors(args.factors)
@@ -380,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("collect", "Collect K-FAC factors (A, G) of MLP weights over local data.")
     p.add_argument("model", help="local Hugging Face model directory (safetensors weights)")
     p.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl files or directories")
-    p.add_argument("--out", required=True, help="output .safetensors file for the factors")
+    p.add_argument("--out", required=True, help="output .safetensors file for the factors (under torchrun: a "
+                   "directory receiving one part per rank and factors.index.json)")
     p.add_argument("--modules", default="mlp_in",
                    help="preset (mlp, mlp_in [default: gate/up as in the paper], mlp_out), or comma-separated "
                         "names / globs like 'model.layers.*.mlp.up_proj'")

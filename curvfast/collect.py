@@ -259,7 +259,8 @@ def collect_factors(
     batches: iterable of dicts with ``input_ids`` (B, L) and optional ``attention_mask`` /
         ``labels``, or of id tensors; for classifiers, dicts of model inputs plus ``labels``.
     modules / layers: see :func:`curvfast.modules.resolve_modules`.
-    fisher: "true" (targets sampled from the model, reproducible with ``seed``) or "empirical".
+    fisher: "true" (targets sampled from the model; batch i draws from a generator seeded with
+        (seed, i), so results do not depend on how the data is split or resumed) or "empirical".
     max_tokens: stop after the batch that reaches this many counted samples.
     checkpoint: file for resumable collection: the state is saved there atomically every
         ``checkpoint_every`` counted samples; if it exists when the call starts, collection
@@ -267,38 +268,75 @@ def collect_factors(
         ones are skipped). Removed once collection finishes.
     Returns a :class:`FactorSet`; modules that read the same input share one A tensor.
     """
+    names, seed = _prepare(model, modules, layers, fisher, seed)
+    started = time.time()
+    col, tokens = accumulate(model, batches, names, fisher, seed, progress=progress, max_tokens=max_tokens,
+                             backend=backend, check_finite=check_finite, checkpoint=checkpoint,
+                             checkpoint_every=checkpoint_every)
+    if tokens == 0:
+        raise ValueError("no counted positions in the data: every batch was empty or all padding "
+                         "(a position counts when it and the next one are real tokens)")
+    return finalize(model, names, col.a_acc, col.g_acc, col.a_owner, tokens, fisher, seed, time.time() - started)
+
+
+def _prepare(model, modules, layers, fisher, seed) -> tuple[list[str], int]:
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    names = resolve_modules(model, modules, layers)
+    if seed is None:
+        seed = int(torch.initial_seed() % (2**62))
+    return names, seed
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    """Seed of the sampled targets of batch ``index`` (splitmix-style mixing, 63 bits)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
+
+
+def accumulate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    names: list[str],
+    fisher: str,
+    seed: int,
+    progress: bool = True,
+    max_tokens: Optional[int] = None,
+    backend: str = "auto",
+    check_finite: bool = True,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    checkpoint_every: int = 1_000_000,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple["_Collector", int]:
+    """Run the model over the batches and accumulate raw (undivided) factor sums.
+
+    shard (rank, world): take only batches i with i % world == rank (their global index i
+    still seeds the sampled targets, so shards add up to the single-process result).
+    Returns the collector (``a_acc``, ``g_acc``, ``a_owner``) and the counted samples.
+    """
     from curvfast.store import model_identity
 
-    names = resolve_modules(model, modules, layers)
     device = next(model.parameters()).device
-    generator = None
-    if fisher == "true":
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.initial_seed() % (2**63))
-
+    generator = torch.Generator(device=device) if fisher == "true" else None
+    rank, world = shard
     col = _Collector(model, names, backend, check_finite)
     tokens = 0
-    consumed = 0  # batches taken from the iterator, counted or not
-    job = {"modules": names, "fisher": fisher, "seed": seed, "max_tokens": max_tokens,
+    consumed = 0  # global index of the next batch to read
+    job = {"modules": names, "fisher": fisher, "seed": seed, "max_tokens": max_tokens, "shard": list(shard),
            "model_fingerprint": model_identity(model)["model_fingerprint"]}
     if checkpoint is not None:
         from curvfast.resume import load_state
 
-        if fisher == "true" and seed is None:
-            raise ValueError("resumable collection with fisher='true' needs a seed")
         state = load_state(checkpoint, job, device)
         if state is not None:
             col.a_acc, col.g_acc, col.a_owner = state.a_acc, state.g_acc, state.a_owner
             col.batch_no = state.batches
             tokens, consumed = state.tokens, state.batches
-            if generator is not None and state.rng is not None:
-                generator.set_state(state.rng)
     last_saved = tokens
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    started = time.time()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -311,49 +349,19 @@ def collect_factors(
         model.eval()
         col.install()
         for i, raw in enumerate(batches):
-            if i < consumed:
-                continue  # resuming: these batches are already in the accumulators
+            if i < consumed or i % world != rank:
+                continue  # resuming past consumed batches, or another rank's batch
             if max_tokens is not None and tokens >= max_tokens:
                 break
             consumed = i + 1
-            batch = _as_batch(raw, device)
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            if "input_ids" in batch and batch["input_ids"].dim() == 2 and "pixel_values" not in batch:
-                index, targets = _counted_positions(batch)
-                classifier = False
-            else:
-                n = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
-                index, targets, classifier = None, batch.get("labels"), True
-                if n == 0:
-                    continue
-            if index is not None and index.numel() == 0:
-                continue
-            col.index = index
-            col.examples = n if classifier else 0
-            with torch.enable_grad():
-                out = model(**inputs) if classifier else model(**inputs, use_cache=False)
-                logits = out.logits if hasattr(out, "logits") else out[0]
-                if classifier:
-                    sel = logits.float()
-                    if fisher == "empirical" and targets is None:
-                        raise ValueError("fisher='empirical' on a classifier needs 'labels' in each batch")
-                else:
-                    sel = logits.reshape(-1, logits.shape[-1]).index_select(0, index).float()
-                if fisher == "true":
-                    with torch.no_grad():
-                        probs = torch.softmax(sel.detach(), dim=-1)
-                        targets = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-                loss = F.cross_entropy(sel, targets.to(sel.device), reduction="sum")
-                col.flush()
-                loss.backward()
-            col.flush()
-            col.end_batch()
-            count = int(sel.shape[0])
+            if generator is not None:
+                generator.manual_seed(_batch_seed(seed, i))
+            count = _process_batch(model, col, _as_batch(raw, device), fisher, generator)
             tokens += count
             if bar is not None:
                 bar.update(count)
             if checkpoint is not None and tokens - last_saved >= checkpoint_every:
-                _save_checkpoint(checkpoint, job, col, tokens, consumed, generator)
+                _save_checkpoint(checkpoint, job, col, tokens, consumed)
                 last_saved = tokens
     finally:
         col.remove()
@@ -365,15 +373,53 @@ def collect_factors(
             bar.close()
     if checkpoint is not None and os.path.exists(checkpoint):
         os.unlink(checkpoint)
-    if tokens == 0:
-        raise ValueError("no counted positions in the data: every batch was empty or all padding "
-                         "(a position counts when it and the next one are real tokens)")
-    a_mean = {key: acc / tokens for key, acc in col.a_acc.items()}
+    return col, tokens
+
+
+def _process_batch(model: nn.Module, col: "_Collector", batch: dict, fisher: str, generator) -> int:
+    """Forward, loss over counted samples, backward; returns the number of counted samples."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    classifier = not ("input_ids" in batch and batch["input_ids"].dim() == 2 and "pixel_values" not in batch)
+    if classifier:
+        n = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+        index, targets = None, batch.get("labels")
+        if fisher == "empirical" and targets is None:
+            raise ValueError("fisher='empirical' on a classifier needs 'labels' in each batch")
+        if n == 0:
+            return 0
+    else:
+        index, targets = _counted_positions(batch)
+        n = 0
+        if index.numel() == 0:
+            return 0
+    col.index = index
+    col.examples = n
+    with torch.enable_grad():
+        out = model(**inputs) if classifier else model(**inputs, use_cache=False)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        sel = logits.float() if classifier else logits.reshape(-1, logits.shape[-1]).index_select(0, index).float()
+        if fisher == "true":
+            with torch.no_grad():
+                targets = torch.multinomial(torch.softmax(sel.detach(), dim=-1), 1, generator=generator).squeeze(1)
+        loss = F.cross_entropy(sel, targets.to(sel.device), reduction="sum")
+        col.flush()
+        loss.backward()
+    col.flush()
+    col.end_batch()
+    return int(sel.shape[0])
+
+
+def finalize(model: nn.Module, names: list[str], a_acc: dict[str, torch.Tensor], g_acc: dict[str, torch.Tensor],
+             a_owner: dict[str, str], tokens: int, fisher: str, seed: int, seconds: float) -> FactorSet:
+    """Divide raw sums by the sample count and wrap them, with metadata, as a FactorSet."""
+    from curvfast.store import model_identity
+
+    a_mean = {key: acc / tokens for key, acc in a_acc.items() if any(a_owner[n] == key for n in names)}
     factors = {}
     for name in names:
-        key = col.a_owner[name]
-        d_out, d_in = dims(col.modules[name])
-        A, G = a_mean[key], col.g_acc[name] / tokens
+        key = a_owner[name]
+        d_out, d_in = dims(model.get_submodule(name))
+        A, G = a_mean[key], g_acc[name] / tokens
         if A.shape[0] != d_in or G.shape[0] != d_out:
             raise RuntimeError(f"factor shapes of {name} ({tuple(G.shape)}, {tuple(A.shape)}) do not match "
                                f"its weight ({d_out}, {d_in})")
@@ -385,15 +431,14 @@ def collect_factors(
         "convention": CONVENTION,
         "loss_scale": "sum over counted samples; factors divided by the sample count",
         "curvfast_version": __version__,
-        "seconds": round(time.time() - started, 3),
+        "seconds": round(seconds, 3),
         **model_identity(model, names),
     }
     return FactorSet(factors, meta)
 
 
-def _save_checkpoint(path, job, col: "_Collector", tokens: int, consumed: int, generator) -> None:
+def _save_checkpoint(path, job, col: "_Collector", tokens: int, consumed: int) -> None:
     from curvfast.resume import CollectionState, save_state
 
     save_state(path, CollectionState(job=job, a_acc=col.a_acc, g_acc=col.g_acc, a_owner=col.a_owner,
-                                     tokens=tokens, batches=consumed,
-                                     rng=generator.get_state() if generator is not None else None))
+                                     tokens=tokens, batches=consumed))

@@ -1,11 +1,11 @@
 """Checkpoints of a running factor collection, so a killed job resumes where it stopped.
 
 A checkpoint holds the raw (undivided) fp32 accumulators, the number of counted samples, the
-number of batches consumed from the data iterator, the sampler's RNG state and the job's
-identity. It is written atomically (temporary file + rename), so a SIGKILL at any moment
+number of batches consumed from the data iterator and the job's identity (sampled targets
+are seeded per batch, so no RNG state is needed). It is written atomically (temporary file + rename), so a SIGKILL at any moment
 leaves either the previous checkpoint or the new one, never a torn file. Resuming replays the
-data iterator past the consumed batches and continues with the same RNG stream: the result
-equals an uninterrupted run (the same additions in the same order).
+data iterator past the consumed batches: the result equals an uninterrupted run (the same
+additions in the same order).
 """
 from __future__ import annotations
 
@@ -34,14 +34,11 @@ class CollectionState:
     a_owner: dict[str, str]
     tokens: int
     batches: int
-    rng: Optional[torch.Tensor]
 
 
 def save_state(path: PathLike, state: CollectionState) -> None:
     tensors = {f"A/{k}": v for k, v in state.a_acc.items()}
     tensors.update({f"G/{k}": v for k, v in state.g_acc.items()})
-    if state.rng is not None:
-        tensors["rng"] = state.rng
     meta = {
         "curvfast.format": "collection-checkpoint",
         "job": json.dumps(state.job, sort_keys=True, default=str),
@@ -82,5 +79,4 @@ def load_state(path: PathLike, job: dict[str, Any], device: torch.device) -> Opt
         a_owner=json.loads(md["a_owner"]),
         tokens=int(md["tokens"]),
         batches=int(md["batches"]),
-        rng=tensors.get("rng"),
     )

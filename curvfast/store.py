@@ -182,8 +182,23 @@ def save_factors(factors: FactorSet, path: PathLike, packed: bool = True) -> Pat
     return _atomic_save(tensors, _metadata("factors", factors.meta, modules), path)
 
 
+def _is_index(path: PathLike) -> bool:
+    return str(path).endswith(".index.json") or (Path(path) / "factors.index.json").exists() \
+        or (Path(path) / "eigen.index.json").exists()
+
+
+def _index_path(path: PathLike, kind: str) -> Path:
+    p = Path(path)
+    return p / f"{kind}.index.json" if p.is_dir() else p
+
+
 def load_factors(path: PathLike, model: nn.Module | None = None) -> FactorSet:
-    """Read factors written by :func:`save_factors`; with ``model``, check they belong to it."""
+    """Read factors written by :func:`save_factors` (or the index of a distributed job); with
+    ``model``, check they belong to it."""
+    if _is_index(path):
+        from curvfast.distributed import load_index
+
+        return load_index(_index_path(path, "factors"), "factors", model)
     tensors, meta, modules = _read(path, "factors")
     if model is not None:
         check_model(meta, modules, model, path)
@@ -220,7 +235,12 @@ def save_eigen(eigen: EigenSet, path: PathLike) -> Path:
 
 
 def load_eigen(path: PathLike, model: nn.Module | None = None) -> EigenSet:
-    """Read eigenbases written by :func:`save_eigen`; with ``model``, check they belong to it."""
+    """Read eigenbases written by :func:`save_eigen` (or a distributed job's index); with
+    ``model``, check they belong to it."""
+    if _is_index(path):
+        from curvfast.distributed import load_index
+
+        return load_index(_index_path(path, "eigen"), "eigen", model)
     tensors, meta, modules = _read(path, "eigen")
     if model is not None:
         check_model(meta, modules, model, path)
