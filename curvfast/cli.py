@@ -187,12 +187,21 @@ def cmd_collect(args) -> int:
           f"{batches.tokens} data tokens, fisher={args.fisher}", file=sys.stderr)
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    from curvfast.plan import activation_estimate, collect_planned, parse_bytes, plan_collection
+
+    budget = parse_bytes(args.memory_budget) if args.memory_budget else None
+    if budget is None and device.type == "cuda":
+        budget = int(0.9 * torch.cuda.mem_get_info(device)[0]) + sum(
+            p.numel() * p.element_size() for p in model.parameters())
+    plan = plan_collection(model, names, budget, activation_estimate(model, args.batch_size, args.seq_len),
+                           host_accumulators=args.host_accumulators)
+    print(plan.describe(tokens=args.tokens), file=sys.stderr)
     ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
-    if ckpt.exists():
-        print(f"resuming from checkpoint {ckpt}", file=sys.stderr)
-    fs = curvfast.collect_factors(model, batches, modules=names, fisher=args.fisher, seed=args.seed,
-                                  progress=not args.quiet, max_tokens=args.tokens, backend=args.backend,
-                                  checkpoint=ckpt, checkpoint_every=args.checkpoint_every)
+    if any(Path(f"{ckpt}.pass{i + 1}").exists() for i in range(len(plan.passes))):
+        print(f"resuming from checkpoint {ckpt}.pass*", file=sys.stderr)
+    fs = collect_planned(model, batches, plan, fisher=args.fisher, seed=args.seed, progress=not args.quiet,
+                         max_tokens=args.tokens, backend=args.backend, checkpoint=ckpt,
+                         checkpoint_every=args.checkpoint_every)
     fs.meta["model_name"] = str(_model_dir(args.model).resolve())
     curvfast.save_factors(fs, out)
     print(f"wrote {out}: {len(fs)} modules, {fs.tokens} tokens", file=sys.stderr)
@@ -442,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled targets (default 0)")
     p.add_argument("--backend", default="auto", help="covariance backend: auto, torch, cpp, cuda, triton")
+    p.add_argument("--memory-budget", default=None,
+                   help="device memory to plan for, e.g. 70GB (default: free GPU memory; no planning on CPU); "
+                        "factors that do not fit are collected in several passes over the data")
+    p.add_argument("--host-accumulators", action="store_true",
+                   help="keep fp32 accumulators in pinned host memory instead of making several passes")
     p.add_argument("--checkpoint", default=None,
                    help="resumable-state file (default: OUT.ckpt); rerun the same command after a crash to resume")
     p.add_argument("--checkpoint-every", type=_positive_int, default=1_000_000,

@@ -124,7 +124,9 @@ def _counted_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
 class _Collector:
     """Hooks that accumulate A and G for a set of modules (one instance per collection)."""
 
-    def __init__(self, model: nn.Module, names: list[str], backend: str, check_finite: bool):
+    def __init__(self, model: nn.Module, names: list[str], backend: str, check_finite: bool,
+                 acc_device: Optional[torch.device] = None):
+        self.acc_device = acc_device
         self.model = model
         self.names = names
         self.backend = backend
@@ -182,8 +184,7 @@ class _Collector:
             rows = self._rows(x.detach(), name, "input")
             acc = self.a_acc.get(name)
             if acc is None:
-                acc = self.a_acc[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32,
-                                                     device=rows.device)
+                acc = self.a_acc[name] = self._new_acc(rows)
             self._pending.append((acc, rows))
             return None
 
@@ -206,20 +207,33 @@ class _Collector:
             rows = self._rows(grad.detach(), name, "output gradient")
             acc = self.g_acc.get(name)
             if acc is None:
-                acc = self.g_acc[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float32,
-                                                     device=rows.device)
+                acc = self.g_acc[name] = self._new_acc(rows)
             self._pending.append((acc, rows))
             return None
 
         return hook
 
     # -- per batch ---------------------------------------------------------------------
+    def _new_acc(self, rows: torch.Tensor) -> torch.Tensor:
+        d = rows.shape[1]
+        dev = self.acc_device or rows.device
+        pin = dev.type == "cpu" and rows.device.type == "cuda"
+        return torch.zeros(d, d, dtype=torch.float32, device=dev, pin_memory=pin)
+
     def flush(self) -> None:
         """Apply queued updates in one grouped call (one launch per phase on GPU)."""
-        if self._pending:
-            accs, xs = zip(*self._pending)
-            self._pending = []
+        if not self._pending:
+            return
+        accs, xs = zip(*self._pending)
+        self._pending = []
+        if accs[0].device == xs[0].device:
             ops.covariance_update_grouped(list(accs), list(xs), None, backend=self.backend)
+            return
+        # Accumulators live elsewhere (host memory): update scratch copies next to the data.
+        scratch = [torch.zeros_like(a, device=x.device) for a, x in zip(accs, xs)]
+        ops.covariance_update_grouped(scratch, list(xs), None, backend=self.backend)
+        for a, s in zip(accs, scratch):
+            a.add_(s.to(a.device))
 
     def end_batch(self) -> None:
         bad = self._bad
@@ -252,6 +266,7 @@ def collect_factors(
     check_finite: bool = True,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     checkpoint_every: int = 1_000_000,
+    accumulator_device: Optional[Union[str, torch.device]] = None,
 ) -> FactorSet:
     """Collect K-FAC factors of ``modules`` over ``batches``.
 
@@ -266,13 +281,15 @@ def collect_factors(
         ``checkpoint_every`` counted samples; if it exists when the call starts, collection
         resumes from it (the data iterable must yield the same batches again; the consumed
         ones are skipped). Removed once collection finishes.
+    accumulator_device: where the fp32 accumulators live (default: with the activations);
+        "cpu" keeps them in pinned host memory when the model runs on a GPU (see curvfast.plan).
     Returns a :class:`FactorSet`; modules that read the same input share one A tensor.
     """
     names, seed = _prepare(model, modules, layers, fisher, seed)
     started = time.time()
     col, tokens = accumulate(model, batches, names, fisher, seed, progress=progress, max_tokens=max_tokens,
                              backend=backend, check_finite=check_finite, checkpoint=checkpoint,
-                             checkpoint_every=checkpoint_every)
+                             checkpoint_every=checkpoint_every, accumulator_device=accumulator_device)
     if tokens == 0:
         raise ValueError("no counted positions in the data: every batch was empty or all padding "
                          "(a position counts when it and the next one are real tokens)")
@@ -309,6 +326,7 @@ def accumulate(
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     checkpoint_every: int = 1_000_000,
     shard: tuple[int, int] = (0, 1),
+    accumulator_device: Optional[Union[str, torch.device]] = None,
 ) -> tuple["_Collector", int]:
     """Run the model over the batches and accumulate raw (undivided) factor sums.
 
@@ -321,7 +339,8 @@ def accumulate(
     device = next(model.parameters()).device
     generator = torch.Generator(device=device) if fisher == "true" else None
     rank, world = shard
-    col = _Collector(model, names, backend, check_finite)
+    col = _Collector(model, names, backend, check_finite,
+                     torch.device(accumulator_device) if accumulator_device is not None else None)
     tokens = 0
     consumed = 0  # global index of the next batch to read
     job = {"modules": names, "fisher": fisher, "seed": seed, "max_tokens": max_tokens, "shard": list(shard),
