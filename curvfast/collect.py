@@ -121,6 +121,11 @@ def _counted_positions(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     return index, nxt.reshape(-1)[index]
 
 
+def _recomputing() -> bool:
+    """True inside a backward pass, where gradient checkpointing replays forwards."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _Collector:
     """Hooks that accumulate A and G for a set of modules (one instance per collection)."""
 
@@ -166,6 +171,8 @@ class _Collector:
 
     def _pre_hook(self, name: str):
         def hook(module, args):
+            if _recomputing():
+                return None  # gradient checkpointing re-runs the forward inside backward
             x = args[0]
             self._calls[name] = self._calls.get(name, 0) + 1
             if self._calls[name] > 1:
@@ -192,6 +199,12 @@ class _Collector:
 
     def _post_hook(self, name: str):
         def hook(module, args, out):
+            if _recomputing():
+                return None
+            if not torch.is_grad_enabled():
+                raise RuntimeError(f"module {name} ran without autograd: reentrant gradient checkpointing is not "
+                                   "supported; enable it with gradient_checkpointing_enable("
+                                   "gradient_checkpointing_kwargs={'use_reentrant': False})")
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"module {name} returned {type(out).__name__}, expected a tensor")
             if not out.requires_grad:
@@ -365,7 +378,13 @@ def accumulate(
     try:
         for p, _ in saved_flags:
             p.requires_grad_(False)
-        model.eval()
+        # With gradient checkpointing on, stay in train mode (transformers only checkpoints in
+        # training); dropout would then be active, so refuse models that have any.
+        checkpointing = bool(getattr(model, "is_activation_checkpointing", None)
+                             or getattr(model, "is_gradient_checkpointing", False))
+        if checkpointing:
+            _check_no_dropout(model)
+        model.train(checkpointing)
         col.install()
         for i, raw in enumerate(batches):
             if i < consumed or i % world != rank:
@@ -393,6 +412,17 @@ def accumulate(
     if checkpoint is not None and os.path.exists(checkpoint):
         os.unlink(checkpoint)
     return col, tokens
+
+
+def _check_no_dropout(model: nn.Module) -> None:
+    active = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+        val = getattr(getattr(model, "config", None), key, 0.0)
+        if isinstance(val, (int, float)) and val > 0:
+            active.append(f"config.{key}={val}")
+    if active:
+        raise ValueError(f"gradient checkpointing keeps the model in train mode, but it has active dropout "
+                         f"({', '.join(active[:3])}); set dropout to 0 or disable gradient checkpointing")
 
 
 def _process_batch(model: nn.Module, col: "_Collector", batch: dict, fisher: str, generator) -> int:

@@ -228,3 +228,23 @@ def test_conv1d_orientation():
     f = fs["transformer.h.0.mlp.c_fc"]
     W = weight_matrix(model.get_submodule("transformer.h.0.mlp.c_fc"))
     assert (f.d_out, f.d_in) == tuple(W.shape) == (96, 24)
+
+
+def test_gradient_checkpointing_non_reentrant_gives_same_factors():
+    model = make("llama")
+    batches = [lm_batch(0), lm_batch(1)]
+    ref = curvfast.collect_factors(model, batches, fisher="true", seed=0, progress=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    model.model.layers[1].mlp.gate_proj.register_forward_hook(lambda *a: calls.append(1))
+    fs = curvfast.collect_factors(model, batches, fisher="true", seed=0, progress=False)
+    assert len(calls) == 4  # the checkpointed layers really were recomputed in backward
+    assert not model.training  # mode restored
+    for n in ref:
+        assert torch.allclose(fs[n].A, ref[n].A, rtol=1e-6) and torch.allclose(fs[n].G, ref[n].G, rtol=1e-5)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        curvfast.collect_factors(model, batches, fisher="true", seed=0, progress=False)
+    model.config.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        curvfast.collect_factors(model, batches, fisher="true", seed=0, progress=False)
