@@ -380,8 +380,9 @@ def accumulate(
             p.requires_grad_(False)
         # With gradient checkpointing on, stay in train mode (transformers only checkpoints in
         # training); dropout would then be active, so refuse models that have any.
-        checkpointing = bool(getattr(model, "is_activation_checkpointing", None)
-                             or getattr(model, "is_gradient_checkpointing", False))
+        attr = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+            else "is_gradient_checkpointing"
+        checkpointing = bool(getattr(model, attr, False))
         if checkpointing:
             _check_no_dropout(model)
         model.train(checkpointing)

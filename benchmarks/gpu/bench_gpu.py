@@ -127,6 +127,14 @@ class Results:
                  f"- torch {m.get('torch')} (CUDA {m.get('torch_cuda')}), triton {m.get('triton')}, {m.get('nvcc')}",
                  f"- date {m.get('date')}, commit {m.get('git_commit')}",
                  f"- peak used for fractions: {PEAK_BF16_TFLOPS} TFLOP/s bf16 dense; flops counted T·d·(d+1)", ""]
+        if self.data.get("collect"):
+            lines += ["## Factor collection job (OLMo-2-7B config, bf16, gate/up/down of layers 23-25, seq 512)", "",
+                      "| tokens | s | tokens/s | baseline tokens/s | speedup | peak GiB | min for 20M tokens |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in self.data["collect"]:
+                lines.append(f"| {r['tokens']} | {r['seconds']} | {r['tokens_per_s']} | {r['baseline_tokens_per_s']} | "
+                             f"{r['speedup']}x | {r['peak_mem_gib']} | {r['minutes_for_20M_tokens']} |")
+            lines.append("")
         if self.data["covariance"]:
             lines += ["## covariance update, bf16 x, T = 16384", "",
                       "| d | (a) fp32 addmm, TF32 off, ms | (b) TF32 addmm, ms | (c) triton, ms | (d) cuda, ms "
@@ -409,7 +417,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results/gpu")
     p.add_argument("--deadline", type=float, default=None, help="epoch seconds by which to stop starting cases")
-    p.add_argument("--only", default="covariance,accuracy,grouped,eigh", help="comma list of sections")
+    p.add_argument("--only", default="covariance,accuracy,grouped,collect,eigh", help="comma list of sections")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device visible (torch.cuda.is_available() is False); nothing to benchmark, skipping.")
@@ -422,7 +430,11 @@ def main(argv=None) -> int:
     res = Results(args.out, meta())
     print(f"[bench] {json.dumps(res.data['meta'], default=str)}", flush=True)
     res.flush()
-    sections = {"covariance": bench_covariance, "accuracy": bench_accuracy, "grouped": bench_grouped, "eigh": bench_eigh}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_collect import bench_collect
+
+    sections = {"covariance": bench_covariance, "accuracy": bench_accuracy, "grouped": bench_grouped,
+                "collect": bench_collect, "eigh": bench_eigh}
     for name in args.only.split(","):
         t0 = time.time()
         try:
