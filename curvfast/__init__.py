@@ -18,14 +18,14 @@ def build_info() -> dict:
 
 from curvfast.collect import Factors, FactorSet, NonFiniteError, collect_factors  # noqa: E402
 from curvfast.edit import EditResult, edit_model, edit_weight, svd_truncate  # noqa: E402
-from curvfast.eigen import EigenSet, eigendecompose, eigh  # noqa: E402
+from curvfast.eigen import EigenSet, eigendecompose, eigh, eigh_batched  # noqa: E402
 from curvfast.keepset import keep_counts  # noqa: E402
 from curvfast.modules import resolve_modules  # noqa: E402
 from curvfast.store import StoreError, load_eigen, load_factors, save_eigen, save_factors  # noqa: E402
 
 __all__ = [
     "collect_factors", "Factors", "FactorSet", "NonFiniteError",
-    "eigh", "eigendecompose", "EigenSet",
+    "eigh", "eigh_batched", "eigendecompose", "EigenSet",
     "keep_counts", "edit_weight", "edit_model", "svd_truncate", "EditResult",
     "save_factors", "load_factors", "save_eigen", "load_eigen", "StoreError",
     "resolve_modules", "build_info", "__version__",

@@ -4,6 +4,16 @@ Every decomposition is checked after the fact (residual ‖MQ − QΛ‖_F/‖M�
 ‖QᵀQ − I‖_F/√n); a failed or inaccurate solve is retried in float64, then on the CPU, then with
 a tiny diagonal shift, each step logged with the module name. A job never dies at this step
 for numerical reasons.
+
+Solvers (``backend=``): ``"torch"`` is torch.linalg.eigh (LAPACK/MKL on CPU, cuSOLVER on CUDA),
+the reference and the fallback; ``"cpp"`` is the blocked two-stage solver of curvfast._C
+(csrc/cpu/eigh_*.cpp: dense -> band -> tridiagonal -> divide and conquer, GEMM
+back-transformations), which also serves partial spectra (``top=k``) at ~k/n of the
+back-transformation cost and batches (several decompositions in flight, largest first);
+``"cuda"`` is reserved for the GPU two-stage solver (not built yet: raises). ``"auto"`` picks
+``cpp`` on CPU where it measured faster than MKL on the 2-core host (benchmarks/results/
+cpu_eigh.json): batches of mid-size matrices (eigh_batched) and partial spectra
+(top <= n/4, n >= 1024); full single decompositions stay with torch (MKL was faster there).
 """
 from __future__ import annotations
 
@@ -11,7 +21,8 @@ import logging
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+import os
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -38,10 +49,10 @@ def eigh_ref(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check_eigh(M: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor) -> tuple[float, float]:
-    """(relative residual ‖MQ − QΛ‖_F/‖M‖_F, orthogonality ‖QᵀQ − I‖_F/√n), computed in the
-    decomposition's dtype."""
-    n = M.shape[0]
-    if n == 0:
+    """(relative residual ‖MQ − QΛ‖_F/‖M‖_F, orthogonality ‖QᵀQ − I‖_F/√k), computed in the
+    decomposition's dtype. evecs: (n, k), k = n for a full decomposition, k < n for a partial one."""
+    n = evecs.shape[1] if evecs.dim() == 2 else M.shape[0]
+    if n == 0 or M.shape[0] == 0:
         return 0.0, 0.0
     M = M.to(evecs.dtype)
     norm = float(torch.linalg.matrix_norm(M))
@@ -59,36 +70,133 @@ def _validate(M: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: matrix contains NaN/Inf; cannot decompose it")
 
 
+# --------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------
+AUTO_CPP_PARTIAL_MIN_N = 1024  # partial spectra (top <= n/4) from this size
+AUTO_CPP_BATCH_MAX_N = 4096  # batched mid-size matrices up to this size
+EIGH_BACKENDS = ("auto", "torch", "cpp", "cuda")
+
+
+def _twostage_ops():
+    """torch.ops.curvfast two-stage ops, or None with the reason. ``CURVFAST_EIGH_LIB`` may name a
+    separately built library with the same ops (development builds of csrc/cpu/eigh_*.cpp)."""
+    from curvfast.ops import _load_ext
+
+    ext, why = _load_ext()
+    if not hasattr(torch.ops.curvfast, "eigh_twostage"):
+        lib = os.environ.get("CURVFAST_EIGH_LIB")
+        if lib:
+            torch.ops.load_library(lib)
+    if hasattr(torch.ops.curvfast, "eigh_twostage"):
+        return torch.ops.curvfast, "built"
+    if ext is None:
+        return None, why
+    return None, ("curvfast._C was built without the two-stage eigensolver (csrc/cpu/eigh_*.cpp); "
+                  "rebuild with `pip install -e . --no-build-isolation`")
+
+
+def eigh_backend_status() -> dict[str, tuple[bool, str]]:
+    """Map eigh backend -> (available, reason)."""
+    op, why = _twostage_ops()
+    return {"torch": (True, f"torch.linalg.eigh, torch {torch.__version__}"),
+            "cpp": (op is not None, "two-stage solver in curvfast._C" if op is not None else why),
+            "cuda": (False, "the CUDA two-stage eigensolver is not built yet (csrc/cuda has no eigh kernels); "
+                            "use backend='torch' (cuSOLVER) or 'auto'")}
+
+
+def resolve_eigh_backend(backend: str, device: torch.device, n: int, top: Optional[int] = None,
+                         batched: bool = False) -> str:
+    """The solver that serves an (n, n) decomposition on ``device`` for the requested backend."""
+    if backend not in EIGH_BACKENDS:
+        raise ValueError(f"unknown eigh backend {backend!r}; choose one of {EIGH_BACKENDS}")
+    if backend == "auto":
+        wins = (batched and n <= AUTO_CPP_BATCH_MAX_N) or (
+            top is not None and n >= AUTO_CPP_PARTIAL_MIN_N and top <= n // 4)
+        if device.type == "cpu" and wins and _twostage_ops()[0] is not None:
+            return "cpp"
+        return "torch"
+    if backend == "torch":
+        return "torch"
+    from curvfast.ops import BackendUnavailable
+
+    ok, why = eigh_backend_status()[backend]
+    if not ok:
+        raise BackendUnavailable(f"eigh backend {backend!r} is unavailable: {why}")
+    if backend == "cpp" and device.type != "cpu":
+        raise BackendUnavailable(f"eigh backend 'cpp' runs on CPU tensors, got {device.type}; "
+                                 "use backend='auto' or move the matrix to the CPU")
+    return backend
+
+
+def eigh_twostage(M: torch.Tensor, top: Optional[int] = None, band: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ two-stage solver, unchecked. M: (n, n) float32/float64 CPU. Returns evals (k,)
+    descending and evecs (n, k), k = top or n."""
+    op, why = _twostage_ops()
+    if op is None:
+        from curvfast.ops import BackendUnavailable
+
+        raise BackendUnavailable(f"eigh backend 'cpp' is unavailable: {why}")
+    return op.eigh_twostage(M, band, int(top or 0))
+
+
+def _solve(work: torch.Tensor, solver: str, top: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if solver == "cpp":
+        return eigh_twostage(work, top)
+    evals, evecs = eigh_ref(work)
+    if top is not None:
+        evals, evecs = evals[:top], evecs[:, :top]
+    return evals, evecs
+
+
+def _top(top: Optional[int], n: int) -> Optional[int]:
+    if top is None:
+        return None
+    if not isinstance(top, int) or top < 0:
+        raise ValueError(f"top must be a non-negative int or None, got {top!r}")
+    return None if top >= n else top
+
+
 def eigh(M: torch.Tensor, dtype: Optional[torch.dtype] = None, check: bool = True,
-         name: str = "matrix") -> tuple[torch.Tensor, torch.Tensor]:
+         name: str = "matrix", backend: str = "auto", top: Optional[int] = None,
+         _first: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric eigendecomposition, eigenvalues descending, verified.
 
     M: (n, n) symmetric (only the symmetric part is used). dtype: working/returned dtype
     (default: M's dtype if floating, upgraded to float32 from half types).
-    Returns (evals (n,), evecs (n, n)) with M ≈ evecs diag(evals) evecsᵀ.
-    Fallback chain on failure or inaccuracy: float64 → CPU float64 → CPU float64 with a tiny
-    diagonal shift. Raises EigenError only if all of them fail.
+    backend: "auto" | "torch" | "cpp" | "cuda" (see the module docstring).
+    top: only the ``top`` largest eigenpairs (evals (top,), evecs (n, top)); the same numbers as
+    the full decomposition's leading part (up to sign of each vector and rotations within
+    repeated eigenvalues).
+    Returns (evals (k,), evecs (n, k)) with M evecs ≈ evecs diag(evals), k = top or n.
+    Fallback chain on failure or inaccuracy: the chosen solver → float64 (torch) → CPU float64
+    → CPU float64 with a tiny diagonal shift. Raises EigenError only if all of them fail.
     """
     _validate(M, name)
     out_dtype = dtype or (M.dtype if M.dtype in (torch.float32, torch.float64) else torch.float32)
     n = M.shape[0]
+    top = _top(top, n)
+    solver = resolve_eigh_backend(backend, M.device, n, top)
     Ms = (M + M.T) * 0.5
-    attempts = [(out_dtype, M.device, 0.0)]
+    attempts = [(out_dtype, M.device, 0.0, solver)]
     if out_dtype != torch.float64:
-        attempts.append((torch.float64, M.device, 0.0))
+        attempts.append((torch.float64, M.device, 0.0, "torch"))
     if M.device.type != "cpu":
-        attempts.append((torch.float64, torch.device("cpu"), 0.0))
+        attempts.append((torch.float64, torch.device("cpu"), 0.0, "torch"))
     scale = float(Ms.diagonal().abs().max()) if n else 0.0
-    attempts.append((torch.float64, torch.device("cpu"), max(scale, 1e-30) * 1e-12 * n))
+    attempts.append((torch.float64, torch.device("cpu"), max(scale, 1e-30) * 1e-12 * n, "torch"))
     last = ""
-    for i, (dt, dev, shift) in enumerate(attempts):
+    for i, (dt, dev, shift, how) in enumerate(attempts):
         work = Ms.to(device=dev, dtype=dt)
         if shift:
             work = work + shift * torch.eye(n, dtype=dt, device=dev)
         try:
-            evals, evecs = eigh_ref(work)
+            if i == 0 and _first is not None:
+                evals, evecs = _first
+            else:
+                evals, evecs = _solve(work, how, top)
         except (torch.linalg.LinAlgError, RuntimeError) as e:
-            last = f"{dt} on {dev}: {e}"
+            last = f"{how} {dt} on {dev}: {e}"
             log.warning("curvfast: eigh of %s failed (%s); trying the next fallback", name, last)
             continue
         if shift:
@@ -97,7 +205,7 @@ def eigh(M: torch.Tensor, dtype: Optional[torch.dtype] = None, check: bool = Tru
             res, orth = check_eigh(Ms.to(device=dev, dtype=dt), evals, evecs)
             tol = tolerance(out_dtype, n)
             if not (res <= tol and orth <= tol):
-                last = f"{dt} on {dev}: residual {res:.2e}, orthogonality {orth:.2e} > {tol:.1e}"
+                last = f"{how} {dt} on {dev}: residual {res:.2e}, orthogonality {orth:.2e} > {tol:.1e}"
                 log.warning("curvfast: eigh of %s inaccurate (%s); trying the next fallback", name, last)
                 continue
         if i > 0:
@@ -105,6 +213,55 @@ def eigh(M: torch.Tensor, dtype: Optional[torch.dtype] = None, check: bool = Tru
                         f", shift {shift:.1e}" if shift else "")
         return evals.to(device=M.device, dtype=out_dtype), evecs.to(device=M.device, dtype=out_dtype)
     raise EigenError(f"{name}: every eigensolver in the fallback chain failed; last: {last}")
+
+
+def eigh_batched(Ms: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None, check: bool = True,
+                 names: Optional[Sequence[str]] = None, backend: str = "auto",
+                 top: Union[None, int, Sequence[Optional[int]]] = None,
+                 workers: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`eigh` of many matrices (any sizes), several in flight at once.
+
+    Ms: list of (n_i, n_i) symmetric matrices. top: None, one int for all, or one per matrix.
+    workers: decompositions in flight for the C++ solver (0: one per core); each gets its share of
+    the cores; jobs start largest first (n³ cost). Every result is checked and goes through
+    :func:`eigh`'s fallback chain on its own, so one bad matrix does not fail the batch.
+    Returns [(evals (k_i,), evecs (n_i, k_i))] in the input order.
+    """
+    Ms = list(Ms)
+    names = list(names) if names is not None else [f"matrix {i}" for i in range(len(Ms))]
+    if len(names) != len(Ms):
+        raise ValueError(f"{len(Ms)} matrices but {len(names)} names")
+    tops = list(top) if isinstance(top, (list, tuple)) else [top] * len(Ms)
+    if len(tops) != len(Ms):
+        raise ValueError(f"{len(Ms)} matrices but {len(tops)} top values")
+    for M, nm in zip(Ms, names):
+        _validate(M, nm)
+    out: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(Ms)
+    solvers = [resolve_eigh_backend(backend, M.device, M.shape[0], _top(t, M.shape[0]), batched=len(Ms) > 1)
+               for M, t in zip(Ms, tops)]
+    # C++ batch: one call, worker threads inside; results then verified one by one.
+    cpp = [i for i, s in enumerate(solvers) if s == "cpp"]
+    firsts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if cpp:
+        op, _ = _twostage_ops()
+        groups: dict[tuple[torch.dtype, int], list[int]] = {}
+        for i in cpp:
+            dt = dtype or (Ms[i].dtype if Ms[i].dtype in (torch.float32, torch.float64) else torch.float32)
+            groups.setdefault((dt, _top(tops[i], Ms[i].shape[0]) or 0), []).append(i)
+        for (dt, k), idx in groups.items():
+            work = [((Ms[i] + Ms[i].T) * 0.5).to(dt) for i in idx]
+            try:
+                ws, zs = op.eigh_twostage_batched(work, 0, k, workers)
+            except RuntimeError as e:
+                log.warning("curvfast: batched eigh failed (%s); decomposing one by one", e)
+                continue
+            for i, w, z in zip(idx, ws, zs):
+                firsts[i] = (w, z)
+    order = sorted(range(len(Ms)), key=lambda i: -Ms[i].shape[0])  # largest first
+    for i in order:
+        out[i] = eigh(Ms[i], dtype=dtype, check=check, name=names[i], backend=solvers[i], top=tops[i],
+                      _first=firsts.get(i))
+    return out  # type: ignore[return-value]
 
 
 @dataclass
@@ -127,14 +284,18 @@ class Spectrum:
                 "effective_rank": eff_rank, "zeros": int((ev == 0).sum()), "clamped": self.clamped}
 
 
-def spectrum(M: torch.Tensor, dtype: Optional[torch.dtype] = None, name: str = "matrix") -> Spectrum:
-    """Decompose a PSD factor and clamp its negative rounding-level eigenvalues to zero."""
-    evals, evecs = eigh(M, dtype=dtype, name=name)
-    neg = evals < 0
-    clamped = int(neg.sum())
+def _clamped(evals: torch.Tensor, evecs: torch.Tensor) -> Spectrum:
+    clamped = int((evals < 0).sum())
     if clamped:
         evals = evals.clamp(min=0)
     return Spectrum(evals, evecs, clamped)
+
+
+def spectrum(M: torch.Tensor, dtype: Optional[torch.dtype] = None, name: str = "matrix",
+             backend: str = "auto", top: Optional[int] = None) -> Spectrum:
+    """Decompose a PSD factor and clamp its negative rounding-level eigenvalues to zero.
+    top: keep only the leading ``top`` eigenpairs (see :func:`eigh`)."""
+    return _clamped(*eigh(M, dtype=dtype, name=name, backend=backend, top=top))
 
 
 @dataclass
@@ -184,11 +345,14 @@ class EigenSet(Mapping):
 
 
 def eigendecompose(factors: Mapping, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None,
-                   progress: bool = True) -> EigenSet:
+                   progress: bool = True, backend: str = "auto", workers: int = 0) -> EigenSet:
     """Eigendecompose every factor of a FactorSet; a shared A is decomposed once.
 
     dtype: solver and storage dtype (float64 is more accurate for tiny eigenvalues of
     ill-conditioned factors). device: where to solve (default: where the factors are).
+    backend: eigh backend (see :func:`eigh`). With ``"cpp"`` all factors are decomposed as one
+    batch by the C++ solver (``workers`` in flight, largest first); otherwise one by one,
+    largest first, with :func:`spectrum`.
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -208,9 +372,23 @@ def eigendecompose(factors: Mapping, dtype: torch.dtype = torch.float32, device:
                    unit_scale=True, dynamic_ncols=True)
     done: dict[tuple[str, str], Spectrum] = {}
     try:
-        for kind, key, M in jobs:
-            work = M if device is None else M.to(device)
-            done[(kind, key)] = spectrum(work, dtype=dtype, name=f"{kind} of {key}")
+        works = [M if device is None else M.to(device) for _, _, M in jobs]
+        batch = [i for i, w in enumerate(works)
+                 if backend == "cpp" and resolve_eigh_backend(backend, w.device, w.shape[0]) == "cpp"]
+        if batch:
+            res = eigh_batched([works[i] for i in batch], dtype=dtype, backend=backend, workers=workers,
+                               names=[f"{jobs[i][0]} of {jobs[i][1]}" for i in batch])
+            for i, r in zip(batch, res):
+                done[(jobs[i][0], jobs[i][1])] = _clamped(*r)
+                if bar is not None:
+                    bar.update(jobs[i][2].shape[0] ** 3)
+        for i, (kind, key, M) in enumerate(jobs):
+            if (kind, key) in done:
+                continue
+            if backend == "auto":
+                done[(kind, key)] = spectrum(works[i], dtype=dtype, name=f"{kind} of {key}")
+            else:
+                done[(kind, key)] = spectrum(works[i], dtype=dtype, name=f"{kind} of {key}", backend=backend)
             if bar is not None:
                 bar.update(M.shape[0] ** 3)
     finally:
@@ -219,5 +397,6 @@ def eigendecompose(factors: Mapping, dtype: torch.dtype = torch.float32, device:
     bases = {name: Eigenbasis(A=done[("A", f.a_key)], G=done[("G", name)], a_key=f.a_key, tokens=f.tokens)
              for name, f in factors.items()}
     meta = dict(getattr(factors, "meta", {}) or {})
-    meta.update({"eigen_dtype": str(dtype).replace("torch.", ""), "curvfast_version": __version__})
+    meta.update({"eigen_dtype": str(dtype).replace("torch.", ""), "eigen_backend": backend,
+                 "curvfast_version": __version__})
     return EigenSet(bases, meta)

@@ -1,0 +1,85 @@
+// Two-stage symmetric eigensolver: the stages, each callable and testable on its own.
+//
+//   A (n x n, symmetric)  --sy2sb-->  band B (half-bandwidth b), A = Q1 B Q1^T
+//   B                     --sb2st-->  tridiagonal (d, e),        B = Q2 T Q2^T
+//   T                     --stedc-->  eigenpairs (w ascending, Z), T = Z diag(w) Z^T
+//   eigenvectors of A = Q1 (Q2 Z): both back-transformations are blocked (compact WY) GEMMs.
+//
+// Device split, so that a CUDA path can share the structure: stage 1 and both
+// back-transformations only issue GEMMs on at::Tensor blocks (they run unchanged on CUDA
+// tensors: at::mm dispatches to cuBLAS); the panel QR is at::geqrf (cuSOLVER on CUDA).
+// Stage 2 (bulge chasing) works on a compact band buffer and records its reflectors in a
+// Sb2stReflectors object; a CUDA kernel would fill the same object (one thread block per sweep,
+// sweeps pipelined). Stage 3 is host code (double), as LAPACK-based GPU solvers also do.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace curvfast {
+namespace eigh2 {
+
+// Householder blocks of stage 1: Q1 = prod_p (I - V_p T_p V_p^T), V_p acting on rows off_p..n-1.
+struct Sy2sbReflectors {
+  std::vector<int64_t> off;
+  std::vector<at::Tensor> V;  // (n - off_p, r_p), unit lower trapezoidal
+  std::vector<at::Tensor> T;  // (r_p, r_p) upper triangular
+};
+
+// Reflectors of stage 2: for sweep j, step s, a reflector of length len(j,s) <= b on rows
+// row0(j,s) = j + 1 + s*b ..; v[0] = 1 stored explicitly.
+struct Sb2stReflectors {
+  int64_t n = 0, b = 0;
+  std::vector<int64_t> first;   // first[j]: index of sweep j's step 0 in tau / v (v at idx*b)
+  std::vector<int64_t> steps;   // steps[j]: number of steps of sweep j
+  std::vector<double> tau;      // one per (j, s)
+  std::vector<double> v;        // b values per (j, s)
+};
+
+// T of the compact WY form I - V T V^T = H_0 H_1 ... (forward, columnwise), from V (m, r) and tau (r).
+at::Tensor larft(const at::Tensor& V, const at::Tensor& tau);
+
+// In a worker thread: BLAS (MKL, thread-local setting) and OpenMP use `threads` threads.
+struct SingleThreadedBlas {
+  explicit SingleThreadedBlas(int threads = 1);
+  ~SingleThreadedBlas();
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int omp_threads_ = 0, mkl_threads_ = 0;
+};
+
+// One block reflector I - V T V^T acting on rows off .. off + V.size(0) - 1.
+struct WYBlock {
+  int64_t off;
+  at::Tensor V, T;
+};
+// Z <- B_0 B_1 ... B_last Z, i.e. applies blocks.back() first. Z's columns are split into one
+// chunk per thread and each thread runs every block on its chunk with single-threaded GEMMs:
+// the blocks are thin (K = 32..128), and thin GEMMs split across threads spend their time in
+// barriers (10x slower here when the cores are shared).
+void apply_wy_blocks(const std::vector<WYBlock>& blocks, at::Tensor& Z);
+
+// Stage 1: A (n,n) float/double, overwritten by nothing (copied). Returns the band matrix as a
+// dense (n,n) tensor with zeros outside |i-j| <= b, plus the reflectors.
+at::Tensor sy2sb(const at::Tensor& A, int64_t b, Sy2sbReflectors& refl);
+// Z (n,k) <- Q1 Z, in place.
+void sy2sb_apply(const Sy2sbReflectors& refl, at::Tensor& Z);
+
+// Stage 2: band matrix (dense (n,n), lower part read) -> tridiagonal d (n), e (n-1) in double.
+void sb2st(const at::Tensor& B, int64_t b, std::vector<double>& d, std::vector<double>& e,
+           Sb2stReflectors& refl);
+// Z (n,k) <- Q2 Z, in place, reflectors grouped into blocks of nb sweeps (GEMMs).
+void sb2st_apply(const Sb2stReflectors& refl, at::Tensor& Z, int64_t nb);
+
+// Stage 3: divide and conquer. Returns eigenvalues ascending (double) and Z (n,n) in `dtype`.
+at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dtype,
+                 std::vector<double>& w);
+
+// Whole solver; eigenvalues descending; top > 0 keeps only the top eigenpairs.
+std::tuple<at::Tensor, at::Tensor> eigh_twostage(const at::Tensor& A, int64_t band, int64_t top);
+
+}  // namespace eigh2
+}  // namespace curvfast

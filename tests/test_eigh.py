@@ -1,0 +1,288 @@
+"""Two-stage eigensolver (csrc/cpu/eigh_*.cpp): every stage, the whole solver, partial spectra,
+the batched driver and the backend switch. Oracles: float64 torch.linalg.eigh and the plain
+torch path; eigenvectors are compared by residual, orthogonality and subspaces, never by sign."""
+import logging
+import math
+
+import pytest
+import torch
+
+import curvfast
+from curvfast import eigen as eigen_mod
+from curvfast.eigen import check_eigh
+from curvfast.ops import BackendUnavailable
+
+OPS = eigen_mod._twostage_ops()[0]
+needs_cpp = pytest.mark.skipif(OPS is None, reason=f"two-stage solver not built: {eigen_mod._twostage_ops()[1]}")
+
+
+def spd(n, kind, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    if kind == "wide":  # spectrum spanning 1e-8 .. 1
+        ev = torch.logspace(-8, 0, n, dtype=torch.float64)
+    elif kind == "clustered":  # two tight clusters
+        ev = torch.cat([1 + 1e-7 * torch.rand(n // 2, generator=g, dtype=torch.float64),
+                        1e-3 * (1 + 1e-7 * torch.rand(n - n // 2, generator=g, dtype=torch.float64))])
+    elif kind == "repeated":  # exactly repeated eigenvalues
+        ev = torch.tensor([1.0, 0.5, 0.25, 0.0], dtype=torch.float64).repeat(n // 4 + 1)[:n]
+    elif kind == "rankdef":  # built like a real factor: XᵀX with T < d
+        x = torch.randn(max(1, n // 3), n, generator=g, dtype=torch.float64)
+        return (x.T @ x / x.shape[0]).to(dtype)
+    else:
+        ev = torch.rand(n, generator=g, dtype=torch.float64)
+    return ((q * ev) @ q.T).to(dtype)
+
+
+def errors(M, evals, evecs):
+    return check_eigh(M.double(), evals.double(), evecs.double())
+
+
+def torch_errors(M):
+    w, v = torch.linalg.eigh(M)
+    return errors(M, w, v)
+
+
+KINDS = ["random", "wide", "clustered", "repeated", "rankdef"]
+
+
+# ------------------------------------------------------------------------------ whole solver
+@needs_cpp
+@pytest.mark.parametrize("n", [1, 2, 33, 500])
+@pytest.mark.parametrize("kind", KINDS)
+def test_twostage_fp32_bars(n, kind):
+    M = spd(n, kind)
+    evals, evecs = eigen_mod.eigh_twostage(M)  # unchecked: no fallback can hide an error
+    assert evals.dtype == torch.float32 and evecs.shape == (n, n)
+    assert (evals[1:] <= evals[:-1]).all()
+    res, orth = errors(M, evals, evecs)
+    assert res <= 1e-5 and orth <= 1e-5, (res, orth)
+    # within a small multiple of what LAPACK achieves in the same dtype
+    t_res, t_orth = torch_errors(M)
+    assert res <= 10 * t_res + 1e-6 and orth <= 10 * t_orth + 1e-6, (res, orth, t_res, t_orth)
+    ref = torch.linalg.eigvalsh(M.double()).flip(0)
+    assert float((evals.double() - ref).abs().max()) <= 1e-5 * max(float(ref.abs().max()), 1e-30)
+
+
+@needs_cpp
+@pytest.mark.parametrize("n,kind", [(2, "random"), (33, "wide"), (200, "clustered"), (500, "rankdef")])
+def test_twostage_fp64(n, kind):
+    M = spd(n, kind, dtype=torch.float64)
+    evals, evecs = eigen_mod.eigh_twostage(M)
+    assert evals.dtype == torch.float64
+    res, orth = errors(M, evals, evecs)
+    assert res <= 1e-13 and orth <= 1e-13, (res, orth)
+    ref = torch.linalg.eigvalsh(M).flip(0)
+    assert float((evals - ref).abs().max()) <= 1e-13 * float(ref.abs().max())
+
+
+@needs_cpp
+def test_twostage_n2048_rank_deficient_factor():
+    M = spd(2048, "rankdef", seed=3)
+    evals, evecs = curvfast.eigh(M, backend="cpp", check=False)
+    res, orth = errors(M, evals, evecs)
+    assert res <= 1e-5 and orth <= 1e-5, (res, orth)
+    ref = torch.linalg.eigvalsh(M.double()).flip(0)
+    assert float((evals.double() - ref).abs().max()) <= 1e-5 * float(ref[0])
+
+
+@needs_cpp
+@pytest.mark.parametrize("band", [1, 2, 7, 40])
+def test_twostage_any_bandwidth_and_noncontiguous(band):
+    M = spd(97, "random", seed=1).T  # a transposed view
+    evals, evecs = OPS.eigh_twostage(M, band, 0)
+    res, orth = errors(M, evals, evecs)
+    assert res <= 1e-5 and orth <= 1e-5
+
+
+# ------------------------------------------------------------------------------ stages
+@needs_cpp
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("n,b", [(3, 1), (50, 4), (130, 16), (64, 63)])
+def test_stage_dense_to_band(dtype, tol, n, b):
+    A = spd(n, "random", seed=n, dtype=dtype)
+    B, Q1 = OPS.eigh_sy2sb(A, b)
+    i = torch.arange(n)
+    outside = B[(i[:, None] - i[None, :]).abs() > b]
+    assert outside.numel() == 0 or float(outside.abs().max()) == 0  # banded
+    assert float((Q1 @ B @ Q1.T - A).norm() / A.norm()) <= tol
+    assert float((Q1.T @ Q1 - torch.eye(n, dtype=dtype)).norm()) / math.sqrt(n) <= tol
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("n,b", [(2, 1), (40, 3), (150, 16), (33, 32)])
+def test_stage_band_to_tridiagonal(dtype, tol, n, b):
+    A = spd(n, "wide", seed=n, dtype=dtype)
+    B, _ = OPS.eigh_sy2sb(A, b)
+    d, e, Q2 = OPS.eigh_sb2st(B, b)
+    T = torch.diag(d) + torch.diag(e, 1) + torch.diag(e, -1)
+    assert float((Q2 @ T @ Q2.T - B).norm() / B.norm()) <= tol
+    assert float((Q2.T @ Q2 - torch.eye(n, dtype=dtype)).norm()) / math.sqrt(n) <= tol
+
+
+def tridiagonals():
+    g = torch.Generator().manual_seed(0)
+    yield "random", torch.randn(300, generator=g, dtype=torch.float64), torch.randn(299, generator=g, dtype=torch.float64)
+    w = torch.tensor([abs(10 - i) for i in range(21)], dtype=torch.float64)  # Wilkinson W21+, glued
+    yield "glued_wilkinson", torch.cat([w] * 10), torch.cat([torch.ones(20, dtype=torch.float64), torch.tensor([1e-8])] * 10)[:-1]
+    yield "constant", torch.full((200,), 2.0, dtype=torch.float64), torch.full((199,), 1e-12, dtype=torch.float64)
+    e = torch.randn(255, generator=g, dtype=torch.float64)
+    e[::7] = 0  # decoupled blocks
+    yield "split", torch.randn(256, generator=g, dtype=torch.float64), e
+    yield "graded", torch.logspace(-10, 0, 180, dtype=torch.float64), torch.logspace(-11, -1, 179, dtype=torch.float64)
+    yield "one", torch.tensor([3.0], dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", list(tridiagonals()), ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
+def test_stage_tridiagonal_divide_and_conquer(case, dtype, tol):
+    _, d, e = case
+    n = d.numel()
+    w, Z = OPS.eigh_stedc(d.to(dtype), e.to(dtype))
+    T = (torch.diag(d) + torch.diag(e, 1) + torch.diag(e, -1)).to(dtype)
+    assert (w[1:] >= w[:-1]).all()
+    res, orth = errors(T, w, Z)
+    assert res <= tol and orth <= tol, (res, orth)
+    ref = torch.linalg.eigvalsh(T.double())
+    assert float((w.double() - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+# ------------------------------------------------------------------------------ partial spectrum
+def assert_top_equal(M, full, part, k):
+    (wf, vf), (wp, vp) = full, part
+    assert wp.shape == (k,) and vp.shape == (M.shape[0], k)
+    scale = float(wf.abs().max())
+    assert float((wp.double() - wf[:k].double()).abs().max()) <= 1e-5 * scale
+    # Same invariant subspace: the kept vectors have no component along the full solution's
+    # vectors outside its top k, up to the ratio of rounding to the eigengap after k.
+    gap = float(wf[k - 1] - wf[k]) if k < wf.numel() else scale
+    leak = float((vf[:, k:].double().T @ vp.double()).norm())
+    assert leak <= 1e-5 * scale / max(gap, 1e-30) + 1e-5
+    # where eigenvalues are simple and well separated, vectors agree up to sign
+    sep = torch.ones(k, dtype=torch.bool)
+    wd = wf.double()
+    for i in range(k):
+        nb = torch.cat([wd[max(i - 1, 0):i], wd[i + 1:i + 2]])
+        sep[i] = bool((nb - wd[i]).abs().min() > 1e-3 * scale) if nb.numel() else True
+    cos = (vf[:, :k].double() * vp.double()).sum(0).abs()
+    assert bool((cos[sep] > 1 - 1e-5).all())
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("kind,k", [("random", 10), ("repeated", 8), ("rankdef", 40), ("wide", 1)])
+def test_top_k_equals_full(backend, kind, k):
+    M = spd(160, kind, seed=5)
+    full = curvfast.eigh(M, backend=backend)
+    part = curvfast.eigh(M, backend=backend, top=k)
+    assert_top_equal(M, full, part, k)
+    res, orth = errors(M, *part)
+    assert res <= 1e-5 and orth <= 1e-5
+    w, v = curvfast.eigh(M, backend=backend, top=500)  # top >= n: the full decomposition
+    assert v.shape == (160, 160)
+
+
+def test_spectrum_top_and_bad_top():
+    M = spd(40, "rankdef")
+    s = eigen_mod.spectrum(M, top=5)
+    assert s.evals.shape == (5,) and s.evecs.shape == (40, 5)
+    with pytest.raises(ValueError, match="top"):
+        curvfast.eigh(M, top=-1)
+
+
+# ------------------------------------------------------------------------------ batched driver
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batched_matches_single(backend, workers):
+    sizes = [1, 33, 200, 2, 120, 200]
+    Ms = [spd(n, KINDS[i % len(KINDS)], seed=i) for i, n in enumerate(sizes)]
+    out = curvfast.eigh_batched(Ms, backend=backend, workers=workers, names=[f"m{i}" for i in range(len(Ms))])
+    assert len(out) == len(Ms)
+    for M, (w, v) in zip(Ms, out):
+        assert v.shape == M.shape
+        ref = torch.linalg.eigvalsh(M.double()).flip(0)
+        assert float((w.double() - ref).abs().max()) <= 1e-5 * max(float(ref.abs().max()), 1e-30)
+        res, orth = errors(M, w, v)
+        assert res <= 1e-5 and orth <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_batched_top_and_empty(backend):
+    assert curvfast.eigh_batched([], backend=backend) == []
+    Ms = [spd(60, "random", seed=1), spd(90, "rankdef", seed=2)]
+    out = curvfast.eigh_batched(Ms, backend=backend, top=[3, None])
+    assert out[0][1].shape == (60, 3) and out[1][1].shape == (90, 90)
+    with pytest.raises(ValueError, match="NaN"):
+        curvfast.eigh_batched([Ms[0], torch.full((3, 3), float("nan"))], backend=backend)
+
+
+@needs_cpp
+def test_batched_bad_result_falls_back_alone(monkeypatch, caplog):
+    Ms = [spd(50, "random", seed=1), spd(70, "wide", seed=2)]
+    real = OPS.eigh_twostage_batched
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(OPS, name)
+
+        def eigh_twostage_batched(self, As, band, top, workers):
+            ws, zs = real(As, band, top, workers)
+            zs[1] = torch.roll(zs[1], 1, dims=1)  # orthogonal, but wrong
+            return ws, zs
+
+    monkeypatch.setattr(eigen_mod, "_twostage_ops", lambda: (Broken(), "built"))
+    with caplog.at_level(logging.WARNING, logger="curvfast"):
+        out = curvfast.eigh_batched(Ms, backend="cpp", names=["ok", "G of layer 3"])
+    assert "G of layer 3" in caplog.text and "ok" not in caplog.text.replace("ok,", "")
+    for M, (w, v) in zip(Ms, out):
+        res, orth = errors(M, w, v)
+        assert res <= 1e-5 and orth <= 1e-5
+
+
+# ------------------------------------------------------------------------------ backend switch
+def test_backend_switch_errors():
+    M = spd(8, "random")
+    with pytest.raises(ValueError, match="unknown eigh backend"):
+        curvfast.eigh(M, backend="lapack")
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        curvfast.eigh(M, backend="cuda")
+    assert eigen_mod.resolve_eigh_backend("auto", torch.device("cpu"), 100) == "torch"
+    assert eigen_mod.resolve_eigh_backend("torch", torch.device("cpu"), 10**5) == "torch"
+    if OPS is not None:
+        assert eigen_mod.resolve_eigh_backend("auto", torch.device("cpu"), 2048, top=100) == "cpp"
+        assert eigen_mod.resolve_eigh_backend("auto", torch.device("cpu"), 512, batched=True) == "cpp"
+        assert eigen_mod.resolve_eigh_backend("auto", torch.device("cpu"), 2048) == "torch"
+    status = eigen_mod.eigh_backend_status()
+    assert set(status) == {"torch", "cpp", "cuda"} and status["torch"][0]
+
+
+@needs_cpp
+def test_cpp_backend_rejects_nan_and_falls_back(monkeypatch, caplog):
+    with pytest.raises(ValueError, match="NaN"):
+        curvfast.eigh(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), backend="cpp")
+    M = spd(40, "wide")
+    monkeypatch.setattr(eigen_mod, "eigh_twostage",
+                        lambda W, top=None: (torch.ones(W.shape[0], dtype=W.dtype), torch.eye(W.shape[0], dtype=W.dtype)))
+    with caplog.at_level(logging.WARNING, logger="curvfast"):
+        w, v = curvfast.eigh(M, backend="cpp", name="A of layer 9")
+    assert "A of layer 9" in caplog.text
+    res, orth = errors(M, w, v)
+    assert res <= 1e-5 and orth <= 1e-5
+
+
+@needs_cpp
+def test_eigendecompose_with_cpp_backend():
+    from tiny_models import lm_batch, make
+
+    model = make("llama")
+    fs = curvfast.collect_factors(model, [lm_batch()], modules="mlp", fisher="true", seed=0, progress=False)
+    es = curvfast.eigendecompose(fs, progress=False, backend="cpp", workers=2)
+    ref = curvfast.eigendecompose(fs, progress=False, backend="torch")
+    assert es.meta["eigen_backend"] == "cpp"
+    for name, e in es.items():
+        f = fs[name]
+        for evals, evecs, M, r in ((e.evals_G, e.evecs_G, f.G, ref[name].evals_G), (e.evals_A, e.evecs_A, f.A, ref[name].evals_A)):
+            assert (evals >= 0).all()
+            assert float(((evecs * evals) @ evecs.T - M).norm() / M.norm()) < 1e-4
+            assert float((evals - r).abs().max()) <= 1e-5 * float(r.max())
