@@ -3,12 +3,19 @@
 //
 // Why not lower-triangle tiles of at::mm: every BLAS call re-packs its operands, and the
 // small tiles near the diagonal run far below peak, which caps that approach near 1.6x over a
-// full GEMM. Here each chunk of kc rows of x is widened (bf16/fp16 -> fp32, times the row
-// weight) and packed exactly once, and is then shared by every tile of the triangle; the only
-// redundant flops are in the micro-tiles that straddle the diagonal (mr / d of the work).
+// full GEMM (MKL's own ssyrk is not exported by torch, and its internal one measured no faster
+// than the GEMM on this AMD CPU). Here each chunk of kc rows of x is widened (bf16/fp16 ->
+// fp32, times the row weight) and packed once per piece of the triangle, then reused by every
+// micro-tile of that piece; the only redundant flops are in the micro-tiles that straddle the
+// diagonal (about mr / d of the work).
+//
+// Threads: the triangle is cut into equal-area row bands ("pieces") that each thread packs,
+// computes and mirrors on its own, with no barrier inside a call. On a shared 2-core machine a
+// per-chunk barrier made the whole call wait on whichever thread the OS had descheduled.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -34,8 +41,10 @@ constexpr int64_t kBlockCols = 256;
 // Below this many multiply-adds a fork costs more than it saves.
 constexpr int64_t kSerialWork = int64_t{1} << 22;
 // Pieces per thread: more pieces let a thread that got more CPU take more of them (the
-// machine is shared), at the price of packing the A columns once per piece.
-constexpr int64_t kPiecesPerThread = 2;
+// machine is shared), at the price of packing the A columns once per piece. Measured on the
+// 2-core box at d = 1024: 1 per thread 1.9x over addmm when quiet, 2 per thread 1.8x; under
+// load the two were within noise. Tunable with CURVFAST_CPU_PIECES_PER_THREAD.
+constexpr int64_t kPiecesPerThread = 1;
 
 int intra_op_threads() { return std::max(1, at::get_num_threads()); }
 
@@ -90,7 +99,7 @@ void run_piece(const Problem& pb, const SyrkKernel& kern, const Piece& pc, float
   if (pc.j1 - (jb_end - 1) * nr < nr)
     std::fill(bpack + (jb_end - 1 - jb_first) * b_stride, bpack + (jb_end - jb_first) * b_stride, 0.0f);
   const int64_t block_panels = std::max<int64_t>(1, kBlockCols / mr);
-  alignas(64) float edge[16 * 32];  // >= nr * mr of every kernel
+  alignas(64) float tile[16 * 32];  // >= nr * mr of every kernel
 
   for (int64_t t0 = 0; t0 < pb.T; t0 += kc_max) {
     const int64_t kc = std::min(kc_max, pb.T - t0);
@@ -124,16 +133,20 @@ void run_piece(const Problem& pb, const SyrkKernel& kern, const Piece& pc, float
           const int64_t cols = std::min<int64_t>(mr, d - i0);
           const float* ap = apack + (ia - ia_first) * a_stride;
           float* c = pb.acc + j0 * d + i0;
-          if (rows == nr && cols == mr && i0 >= pc.j0) {
-            kern.micro(kc, ap, bp, c, d);
-          } else {
-            // Edge of acc, or a tile reaching left of this piece: there, below-diagonal
-            // elements belong to another piece's mirror, so only column >= row is added.
-            std::fill(edge, edge + nr * mr, 0.0f);
-            kern.micro(kc, ap, bp, edge, mr);
-            for (int64_t r = 0; r < rows; ++r)
-              for (int64_t v = std::max<int64_t>(0, j0 + r - i0); v < cols; ++v)
-                c[r * d + v] += edge[r * mr + v];
+          // The kernel sums this chunk into a zeroed, contiguous tile: acc is then touched
+          // once per chunk (not once per kernel sub-block), its rows never alias in L1 for
+          // power-of-two d, and the chunk sum is added to acc in one rounding (a three-level
+          // summation: registers, chunk tile, acc).
+          std::fill(tile, tile + nr * mr, 0.0f);
+          kern.micro(kc, ap, bp, tile, mr);
+          // Where the tile reaches left of this piece, its below-diagonal elements belong to
+          // another piece's mirror: add only column >= row there (and inside acc's edges).
+          const bool left = i0 < pc.j0;
+          for (int64_t r = 0; r < rows; ++r) {
+            float* cr = c + r * d;
+            const float* tr = tile + r * mr;
+            for (int64_t v = left ? std::max<int64_t>(0, j0 + r - i0) : 0; v < cols; ++v)
+              cr[v] += tr[v];
           }
         }
       }
@@ -167,8 +180,10 @@ void syrk_update(const Problem& pb) {
   const SyrkKernel& kern = cpu::select_syrk_kernel();
   const int64_t work = pb.d * pb.d * pb.T / 2;
   const int nthreads = work < kSerialWork ? 1 : intra_op_threads();
+  int64_t per_thread = kPiecesPerThread;
+  if (const char* env = std::getenv("CURVFAST_CPU_PIECES_PER_THREAD")) per_thread = std::max(1, std::atoi(env));
   const std::vector<Piece> pieces =
-      plan_pieces(pb.d, kern.nr, nthreads == 1 ? 1 : nthreads * kPiecesPerThread);
+      plan_pieces(pb.d, kern.nr, nthreads == 1 ? 1 : nthreads * per_thread);
   const int64_t kc_max = std::min<int64_t>(kChunkRows, pb.T);
   const int64_t na = (pb.d + kern.mr - 1) / kern.mr;
   int64_t max_rows = 0;
@@ -178,8 +193,15 @@ void syrk_update(const Problem& pb) {
   const int64_t nbuf = std::min<int64_t>(nthreads, pieces.size());
   // One pair of pack buffers per thread (thread ids can exceed nbuf only if the runtime
   // hands out fewer threads, in which case every thread still has its own buffer).
-  at::Tensor buf = at::empty({nbuf * (a_floats + b_floats)}, at::kFloat);
-  float* const base = buf.data_ptr<float>();
+  // Scratch is kept per calling thread: factor collection calls this thousands of times with
+  // the same shapes, and a fresh multi-MB allocation would page-fault on every call.
+  static thread_local at::Tensor scratch;
+  const int64_t need = nbuf * (a_floats + b_floats);
+  if (!scratch.defined() || scratch.numel() < need) {
+    scratch = at::Tensor();  // free the old one first
+    scratch = at::empty({need}, at::kFloat);
+  }
+  float* const base = scratch.data_ptr<float>();
   std::atomic<int64_t> next{0};
   auto body = [&](int tid, int) {
     float* apack = base + tid * (a_floats + b_floats);
