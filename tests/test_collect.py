@@ -248,3 +248,16 @@ def test_gradient_checkpointing_non_reentrant_gives_same_factors():
     model.config.attention_dropout = 0.1
     with pytest.raises(ValueError, match="dropout"):
         curvfast.collect_factors(model, batches, fisher="true", seed=0, progress=False)
+
+
+def test_sample_categorical_matches_the_distribution():
+    from curvfast.collect import sample_categorical
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0], [5.0, -30.0, 0.0, 0.0]])
+    draws = sample_categorical(logits.repeat_interleave(20000, 0), g).view(2, 20000)
+    for row in range(2):
+        freq = torch.bincount(draws[row], minlength=4).double() / 20000
+        p = torch.softmax(logits[row].double(), -1)
+        assert float((freq - p).abs().max()) < 0.012
+    assert int(draws[1].eq(1).sum()) == 0  # probability ~1e-16 never drawn
