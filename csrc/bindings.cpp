@@ -16,6 +16,15 @@ TORCH_LIBRARY(curvfast, m) {
   // Grouped form: accs[i] += xs[i]^T diag(weights[i]) xs[i] for every i, any sizes, one call.
   // weights is one entry per input (None where unweighted) or an empty list.
   m.def("covariance_update_grouped_(Tensor(a!)[] accs, Tensor[] xs, Tensor?[] weights) -> ()");
+  // Two-stage symmetric eigensolver (CPU, csrc/cpu/eigh_*.cpp). Eigenvalues descending;
+  // top > 0 keeps only the top eigenpairs.
+  m.def("eigh_twostage(Tensor A, int band=0, int top=0) -> (Tensor, Tensor)");
+  m.def("eigh_twostage_batched(Tensor[] As, int band=0, int top=0, int workers=0) -> (Tensor[], Tensor[])");
+  // Its stages, for tests: dense -> band (B, explicit Q1); band -> tridiagonal (d, e, explicit
+  // Q2); tridiagonal -> eigenpairs (ascending).
+  m.def("eigh_sy2sb(Tensor A, int band) -> (Tensor, Tensor)");
+  m.def("eigh_sb2st(Tensor B, int band) -> (Tensor, Tensor, Tensor)");
+  m.def("eigh_stedc(Tensor d, Tensor e) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(curvfast, CPU, m) {

@@ -1,8 +1,9 @@
 """Fake (meta) implementations of the ops in ``curvfast._C``.
 
 They let torch.compile / FakeTensor tracing reason about the ops without running them. Both
-ops only mutate their accumulators in place and return nothing, so the fake kernels check
-what can be checked from metadata (shapes, dtypes, devices) and return None.
+covariance ops only mutate their accumulators in place and return nothing, so their fake
+kernels check what can be checked from metadata (shapes, dtypes, devices) and return None;
+the eigensolver's fakes return empty tensors of the output shapes.
 Imported by :func:`curvfast.ops._load_ext` right after ``curvfast._C`` registers the ops.
 """
 from __future__ import annotations
@@ -39,3 +40,21 @@ def _covariance_update_grouped_fake(accs: Sequence[torch.Tensor], xs: Sequence[t
     torch._check(len(weights) in (0, len(xs)), lambda: f"{len(weights)} weights for {len(xs)} inputs")
     for i, (acc, x) in enumerate(zip(accs, xs)):
         _check(acc, x, weights[i] if weights else None)
+
+
+def _eigh_shapes(A: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(A.dim() == 2 and A.shape[0] == A.shape[1], lambda: f"eigh needs a square matrix, got {tuple(A.shape)}")
+    n = A.shape[0]
+    k = top if 0 < top < n else n
+    return A.new_empty((k,)), A.new_empty((n, k))
+
+
+@torch.library.register_fake("curvfast::eigh_twostage")
+def _eigh_twostage_fake(A: torch.Tensor, band: int = 0, top: int = 0):
+    return _eigh_shapes(A, top)
+
+
+@torch.library.register_fake("curvfast::eigh_twostage_batched")
+def _eigh_twostage_batched_fake(As: Sequence[torch.Tensor], band: int = 0, top: int = 0, workers: int = 0):
+    outs = [_eigh_shapes(A, top) for A in As]
+    return [o[0] for o in outs], [o[1] for o in outs]

@@ -286,3 +286,14 @@ def test_eigendecompose_with_cpp_backend():
             assert (evals >= 0).all()
             assert float(((evecs * evals) @ evecs.T - M).norm() / M.norm()) < 1e-4
             assert float((evals - r).abs().max()) <= 1e-5 * float(r.max())
+
+
+def test_eigh_twostage_opcheck():
+    import curvfast.ops  # noqa: F401  (loads the extension and its fake kernels)
+
+    curvfast.ops._load_ext()
+    A = torch.randn(40, 40, dtype=torch.float64)
+    A = A @ A.T
+    torch.library.opcheck(torch.ops.curvfast.eigh_twostage.default, (A, 0, 0))
+    torch.library.opcheck(torch.ops.curvfast.eigh_twostage.default, (A.float(), 8, 5))
+    torch.library.opcheck(torch.ops.curvfast.eigh_twostage_batched.default, ([A, A[:20, :20].contiguous()], 0, 0, 1))

@@ -1,6 +1,5 @@
 // Two-stage symmetric eigensolver: the driver, the batched driver and the op registrations
-// (torch.ops.curvfast.eigh_*). The schema lives here as a TORCH_LIBRARY_FRAGMENT so that
-// bindings.cpp stays untouched; it can move there without changing any signature.
+// (torch.ops.curvfast.eigh_*). The schemas are declared in csrc/bindings.cpp.
 #include "eigh_twostage.h"
 
 #include <ATen/ATen.h>
@@ -167,17 +166,6 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_op(at::Tens
 }  // namespace
 }  // namespace eigh2
 }  // namespace curvfast
-
-TORCH_LIBRARY_FRAGMENT(curvfast, m) {
-  // Two-stage symmetric eigensolver (CPU). Eigenvalues descending; top > 0 keeps the top eigenpairs.
-  m.def("eigh_twostage(Tensor A, int band=0, int top=0) -> (Tensor, Tensor)");
-  m.def("eigh_twostage_batched(Tensor[] As, int band=0, int top=0, int workers=0) -> (Tensor[], Tensor[])");
-  // The stages, for tests: dense -> band (B, explicit Q1); band -> tridiagonal (d, e, explicit Q2);
-  // tridiagonal -> eigenpairs (ascending).
-  m.def("eigh_sy2sb(Tensor A, int band) -> (Tensor, Tensor)");
-  m.def("eigh_sb2st(Tensor B, int band) -> (Tensor, Tensor, Tensor)");
-  m.def("eigh_stedc(Tensor d, Tensor e) -> (Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(curvfast, CPU, m) {
   m.impl("eigh_twostage", &curvfast::eigh2::eigh_twostage);
