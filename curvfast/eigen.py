@@ -11,9 +11,10 @@ the reference and the fallback; ``"cpp"`` is the blocked two-stage solver of cur
 back-transformations), which also serves partial spectra (``top=k``) at ~k/n of the
 back-transformation cost and batches (several decompositions in flight, largest first);
 ``"cuda"`` is reserved for the GPU two-stage solver (not built yet: raises). ``"auto"`` picks
-``cpp`` on CPU where it measured faster than MKL on the 2-core host (benchmarks/results/
-cpu_eigh.json): batches of mid-size matrices (eigh_batched) and partial spectra
-(top <= n/4, n >= 1024); full single decompositions stay with torch (MKL was faster there).
+torch: on the idle 2-core host MKL beat the C++ solver for single decompositions (1.4-1.7x),
+partial spectra (1.14x) and batches of 8 mid-size matrices (1.65x)
+(benchmarks/results/cpu_eigh.json). The C++ solver wins only when the machine is loaded,
+which is not a basis for a default.
 """
 from __future__ import annotations
 
@@ -73,8 +74,6 @@ def _validate(M: torch.Tensor, name: str) -> None:
 # --------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------
-AUTO_CPP_PARTIAL_MIN_N = 1024  # partial spectra (top <= n/4) from this size
-AUTO_CPP_BATCH_MAX_N = 4096  # batched mid-size matrices up to this size
 EIGH_BACKENDS = ("auto", "torch", "cpp", "cuda")
 
 
@@ -111,10 +110,6 @@ def resolve_eigh_backend(backend: str, device: torch.device, n: int, top: Option
     if backend not in EIGH_BACKENDS:
         raise ValueError(f"unknown eigh backend {backend!r}; choose one of {EIGH_BACKENDS}")
     if backend == "auto":
-        wins = (batched and n <= AUTO_CPP_BATCH_MAX_N) or (
-            top is not None and n >= AUTO_CPP_PARTIAL_MIN_N and top <= n // 4)
-        if device.type == "cpu" and wins and _twostage_ops()[0] is not None:
-            return "cpp"
         return "torch"
     if backend == "torch":
         return "torch"
