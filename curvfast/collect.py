@@ -29,6 +29,7 @@ from torch import nn
 
 from curvfast import __version__, ops
 from curvfast.modules import LayerSpec, ModuleSpec, dims, resolve_modules
+from curvfast.packed import pack_lower, packed_size, unpack_lower
 
 CONVENTION = (
     "causal_lm: position t counts iff tokens t and t+1 are real (and labels[t+1] != -100); "
@@ -130,8 +131,9 @@ class _Collector:
     """Hooks that accumulate A and G for a set of modules (one instance per collection)."""
 
     def __init__(self, model: nn.Module, names: list[str], backend: str, check_finite: bool,
-                 acc_device: Optional[torch.device] = None):
+                 acc_device: Optional[torch.device] = None, packed: bool = False):
         self.acc_device = acc_device
+        self.packed = packed
         self.model = model
         self.names = names
         self.backend = backend
@@ -231,7 +233,8 @@ class _Collector:
         d = rows.shape[1]
         dev = self.acc_device or rows.device
         pin = dev.type == "cpu" and rows.device.type == "cuda"
-        return torch.zeros(d, d, dtype=torch.float32, device=dev, pin_memory=pin)
+        shape = (packed_size(d),) if self.packed else (d, d)
+        return torch.zeros(shape, dtype=torch.float32, device=dev, pin_memory=pin)
 
     def flush(self) -> None:
         """Apply queued updates in one grouped call (one launch per phase on GPU)."""
@@ -239,14 +242,19 @@ class _Collector:
             return
         accs, xs = zip(*self._pending)
         self._pending = []
-        if accs[0].device == xs[0].device:
+        if not self.packed and accs[0].device == xs[0].device:
             ops.covariance_update_grouped(list(accs), list(xs), None, backend=self.backend)
             return
-        # Accumulators live elsewhere (host memory): update scratch copies next to the data.
-        scratch = [torch.zeros_like(a, device=x.device) for a, x in zip(accs, xs)]
-        ops.covariance_update_grouped(scratch, list(xs), None, backend=self.backend)
-        for a, s in zip(accs, scratch):
-            a.add_(s.to(a.device))
+        # Accumulators live elsewhere or packed: one full scratch matrix next to the data at a
+        # time, so device memory never holds more than one factor.
+        for a, x in zip(accs, xs):
+            scratch = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            ops.covariance_update(scratch, x, backend=self.backend)
+            a.add_((pack_lower(scratch) if self.packed else scratch).to(a.device, non_blocking=False))
+
+    def full(self, acc: torch.Tensor, d: int) -> torch.Tensor:
+        """An accumulator as a full symmetric matrix."""
+        return unpack_lower(acc, d) if acc.dim() == 1 else acc
 
     def end_batch(self) -> None:
         bad = self._bad
@@ -280,6 +288,7 @@ def collect_factors(
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     checkpoint_every: int = 1_000_000,
     accumulator_device: Optional[Union[str, torch.device]] = None,
+    packed_accumulators: bool = False,
 ) -> FactorSet:
     """Collect K-FAC factors of ``modules`` over ``batches``.
 
@@ -296,17 +305,26 @@ def collect_factors(
         ones are skipped). Removed once collection finishes.
     accumulator_device: where the fp32 accumulators live (default: with the activations);
         "cpu" keeps them in pinned host memory when the model runs on a GPU (see curvfast.plan).
+    packed_accumulators: keep only the lower triangle of each accumulator (half the memory;
+        each update then goes through one full scratch matrix at a time).
     Returns a :class:`FactorSet`; modules that read the same input share one A tensor.
     """
     names, seed = _prepare(model, modules, layers, fisher, seed)
     started = time.time()
     col, tokens = accumulate(model, batches, names, fisher, seed, progress=progress, max_tokens=max_tokens,
                              backend=backend, check_finite=check_finite, checkpoint=checkpoint,
-                             checkpoint_every=checkpoint_every, accumulator_device=accumulator_device)
+                             checkpoint_every=checkpoint_every, accumulator_device=accumulator_device,
+                             packed=packed_accumulators)
     if tokens == 0:
         raise ValueError("no counted positions in the data: every batch was empty or all padding "
                          "(a position counts when it and the next one are real tokens)")
-    return finalize(model, names, col.a_acc, col.g_acc, col.a_owner, tokens, fisher, seed, time.time() - started)
+    a_acc = {k: col.full(v, _d_in(model, k)) for k, v in col.a_acc.items()}
+    g_acc = {k: col.full(v, dims(model.get_submodule(k))[0]) for k, v in col.g_acc.items()}
+    return finalize(model, names, a_acc, g_acc, col.a_owner, tokens, fisher, seed, time.time() - started)
+
+
+def _d_in(model: nn.Module, name: str) -> int:
+    return dims(model.get_submodule(name))[1]
 
 
 def _prepare(model, modules, layers, fisher, seed) -> tuple[list[str], int]:
@@ -340,6 +358,7 @@ def accumulate(
     checkpoint_every: int = 1_000_000,
     shard: tuple[int, int] = (0, 1),
     accumulator_device: Optional[Union[str, torch.device]] = None,
+    packed: bool = False,
 ) -> tuple["_Collector", int]:
     """Run the model over the batches and accumulate raw (undivided) factor sums.
 
@@ -353,10 +372,11 @@ def accumulate(
     generator = torch.Generator(device=device) if fisher == "true" else None
     rank, world = shard
     col = _Collector(model, names, backend, check_finite,
-                     torch.device(accumulator_device) if accumulator_device is not None else None)
+                     torch.device(accumulator_device) if accumulator_device is not None else None, packed)
     tokens = 0
     consumed = 0  # global index of the next batch to read
     job = {"modules": names, "fisher": fisher, "seed": seed, "max_tokens": max_tokens, "shard": list(shard),
+           "packed": packed,
            "model_fingerprint": model_identity(model)["model_fingerprint"]}
     if checkpoint is not None:
         from curvfast.resume import load_state

@@ -130,8 +130,9 @@ def plan_collection(model: nn.Module, names: list[str], budget: Optional[int] = 
         return Plan([groups], "device", None, model_bytes)
     free = budget - model_bytes - activation_bytes
     if host_accumulators:
-        notes.append("accumulators in pinned host memory (collect_factors(..., accumulator_device='cpu')): each "
-                     "update crosses PCIe; choose this only when extra passes over the data cost more")
+        notes.append(f"accumulators packed in pinned host memory ({fmt_bytes(sum(g.nbytes for g in groups) / 2)}; "
+                     "collect_factors(..., accumulator_device='cpu', packed_accumulators=True)): each update "
+                     "crosses PCIe; choose this only when extra passes over the data cost more")
         return Plan([groups], "host", budget, model_bytes, notes)
     if free <= 0:
         raise ValueError(f"the model ({fmt_bytes(model_bytes)}) and activations ({fmt_bytes(activation_bytes)}) "
@@ -169,6 +170,7 @@ def collect_planned(model: nn.Module, batches: Iterable[Any], plan: Plan, **kwar
         ck = None if checkpoint is None else f"{checkpoint}.pass{i + 1}"
         if plan.accumulators == "host":
             kwargs.setdefault("accumulator_device", "cpu")
+            kwargs.setdefault("packed_accumulators", True)
         fs = collect_factors(model, batches, modules=plan.modules(i), checkpoint=ck, **kwargs)
         if meta and fs.tokens != meta["tokens"]:
             raise RuntimeError(f"pass {i + 1} counted {fs.tokens} tokens but pass 1 counted {meta['tokens']}: "

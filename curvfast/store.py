@@ -24,6 +24,7 @@ from curvfast import __version__
 from curvfast.collect import Factors, FactorSet
 from curvfast.eigen import Eigenbasis, EigenSet, Spectrum
 from curvfast.modules import dims
+from curvfast.packed import pack_lower, unpack_lower
 
 FORMAT_VERSION = 1
 PathLike = Union[str, os.PathLike]
@@ -150,24 +151,6 @@ def _metadata(kind: str, meta: dict[str, Any], modules: dict[str, dict]) -> dict
     }
 
 
-def pack_lower(M: torch.Tensor) -> torch.Tensor:
-    """Lower triangle of a symmetric (n, n) matrix, row by row: n(n+1)/2 values."""
-    n = M.shape[0]
-    rows, cols = torch.tril_indices(n, n, device=M.device)
-    return M[rows, cols]
-
-
-def unpack_lower(v: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_lower`: the full symmetric matrix."""
-    if v.numel() != n * (n + 1) // 2:
-        raise StoreError(f"packed factor has {v.numel()} values, expected {n * (n + 1) // 2} for n = {n}")
-    M = torch.zeros(n, n, dtype=v.dtype, device=v.device)
-    rows, cols = torch.tril_indices(n, n, device=v.device)
-    M[rows, cols] = v
-    M[cols, rows] = v
-    return M
-
-
 def save_factors(factors: FactorSet, path: PathLike, packed: bool = True) -> Path:
     """Write a FactorSet atomically (temporary file + rename). ``packed`` stores only the lower
     triangle of each symmetric factor (half the file size)."""
@@ -210,9 +193,12 @@ def load_factors(path: PathLike, model: nn.Module | None = None) -> FactorSet:
         except KeyError as e:
             raise StoreError(f"{path}: tensor {e} is missing") from None
         if info.get("packed"):
-            if info["a_key"] not in shared:
-                shared[info["a_key"]] = unpack_lower(A, info["d_in"])
-            A, G = shared[info["a_key"]], unpack_lower(G, info["d_out"])
+            try:
+                if info["a_key"] not in shared:
+                    shared[info["a_key"]] = unpack_lower(A, info["d_in"])
+                A, G = shared[info["a_key"]], unpack_lower(G, info["d_out"])
+            except ValueError as e:
+                raise StoreError(f"{path}: {name}: {e}") from None
         if A.shape != (info["d_in"], info["d_in"]) or G.shape != (info["d_out"], info["d_out"]):
             raise StoreError(f"{path}: factor shapes of {name} do not match its metadata")
         out[name] = Factors(A=A, G=G, tokens=info["tokens"], a_key=info["a_key"])

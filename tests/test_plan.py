@@ -54,3 +54,42 @@ def test_host_accumulators_give_the_same_factors():
     b = curvfast.collect_factors(model, batches, fisher="true", seed=1, progress=False)
     for n in a:
         assert torch.allclose(a[n].G, b[n].G, rtol=1e-6) and torch.allclose(a[n].A, b[n].A, rtol=1e-6)
+
+
+def test_packed_accumulators_equal_full_and_resume(tmp_path):
+    model = make("llama")
+    batches = [lm_batch(i) for i in range(3)]
+    full = curvfast.collect_factors(model, batches, fisher="true", seed=2, progress=False)
+    packed = curvfast.collect_factors(model, batches, fisher="true", seed=2, packed_accumulators=True,
+                                      progress=False)
+    for n in full:
+        assert torch.allclose(packed[n].A, full[n].A, rtol=1e-6, atol=1e-9)
+        assert torch.allclose(packed[n].G, full[n].G, rtol=1e-6, atol=1e-9)
+        assert torch.equal(packed[n].A, packed[n].A.T)
+
+    def interrupted():
+        for i, b in enumerate(batches):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield b
+
+    ckpt = tmp_path / "ck.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        curvfast.collect_factors(model, interrupted(), fisher="true", seed=2, packed_accumulators=True,
+                                 checkpoint=ckpt, checkpoint_every=1, progress=False)
+    resumed = curvfast.collect_factors(model, batches, fisher="true", seed=2, packed_accumulators=True,
+                                       checkpoint=ckpt, progress=False)
+    for n in full:
+        assert torch.equal(resumed[n].G, packed[n].G)
+
+
+def test_pack_round_trip():
+    from curvfast.packed import pack_lower, unpack_lower
+
+    M = torch.randn(7, 7)
+    M = M + M.T
+    v = pack_lower(M)
+    assert v.numel() == 28 and torch.equal(v[:3], torch.tensor([M[0, 0], M[1, 0], M[1, 1]]))
+    assert torch.equal(unpack_lower(v, 7), M)
+    with pytest.raises(ValueError, match="expected 28"):
+        unpack_lower(v[:-1], 7)
