@@ -190,11 +190,7 @@ class _Collector:
             if owner != name:
                 return None
             self._seen_inputs[id(x)] = (x, name)
-            rows = self._rows(x.detach(), name, "input")
-            acc = self.a_acc.get(name)
-            if acc is None:
-                acc = self.a_acc[name] = self._new_acc(rows)
-            self._pending.append((acc, rows))
+            self._queue(self.a_acc, name, self._rows(x.detach(), name, "input"))
             return None
 
         return hook
@@ -219,16 +215,19 @@ class _Collector:
 
     def _grad_hook(self, name: str):
         def hook(grad):
-            rows = self._rows(grad.detach(), name, "output gradient")
-            acc = self.g_acc.get(name)
-            if acc is None:
-                acc = self.g_acc[name] = self._new_acc(rows)
-            self._pending.append((acc, rows))
+            self._queue(self.g_acc, name, self._rows(grad.detach(), name, "output gradient"))
             return None
 
         return hook
 
     # -- per batch ---------------------------------------------------------------------
+    def _queue(self, accs: dict[str, torch.Tensor], name: str, rows: torch.Tensor) -> None:
+        """Queue ``accs[name] += rowsᵀ rows`` for the next grouped flush."""
+        acc = accs.get(name)
+        if acc is None:
+            acc = accs[name] = self._new_acc(rows)
+        self._pending.append((acc, rows))
+
     def _new_acc(self, rows: torch.Tensor) -> torch.Tensor:
         d = rows.shape[1]
         dev = self.acc_device or rows.device

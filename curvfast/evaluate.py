@@ -5,6 +5,11 @@
   suffix S: *strict* (d == 0), *loose* (1 − d/L ≥ 0.75), mean d/L.
 - :func:`perplexity` — exp of the token-weighted mean NLL over all predicted tokens, plus the
   paper's variant (mean over batches of exp(batch mean loss)), labelled as such.
+- :func:`mine_memorized` — which (prefix, suffix) windows a model has memorized: the
+  teacher-forced argmax matches the suffix at every position (SPEC §5).
+- :func:`ndcg_at_10` — agreement of an edited model's next-token top-10 with the original's.
+- :func:`noisy_label_metrics` — the classifier metrics of SPEC §5 (memorized noisy labels,
+  true-label accuracy on them, validation accuracy).
 
 Greedy decoding is our own loop over the KV cache, not ``model.generate``: it never stops at
 EOS (always |S| tokens) and it cannot be changed by a model's generation config.
@@ -18,7 +23,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["token_levenshtein", "recitation", "perplexity", "LOOSE_THRESHOLD"]
+__all__ = ["token_levenshtein", "recitation", "perplexity", "LOOSE_THRESHOLD", "mine_memorized",
+           "ndcg_at_k", "ndcg_at_10", "ndcg_from_logits", "predict_labels", "noisy_label_metrics",
+           "noisy_label_metrics_from_predictions"]
 
 #: a recitation counts as *loose* when 1 − d/L is at least this (SPEC §5)
 LOOSE_THRESHOLD = 0.75
@@ -360,3 +367,218 @@ def perplexity(
         "tokens": tokens,
         "batches": len(batch_exps),
     }
+
+
+# --------------------------------------------------------------------------------------
+# Memorized-set mining
+# --------------------------------------------------------------------------------------
+def _windows(sequences: Sequence[Any], prefix_len: Optional[int], suffix_len: int,
+             stride: Optional[int]) -> tuple[list[tuple[int, int]], list[tuple[list[int], list[int]]]]:
+    """(sequence index, start) and (P, S) of every window to test."""
+    where: list[tuple[int, int]] = []
+    pairs: list[tuple[list[int], list[int]]] = []
+    for i, seq in enumerate(sequences):
+        if stride is None or _is_pair(seq):
+            where.append((i, 0))
+            pairs.append(_split(seq, i, prefix_len, suffix_len))
+            continue
+        if prefix_len is None:
+            raise ValueError("mine_memorized: sliding windows (stride) need a prefix_len")
+        toks = _as_list(seq)
+        w = prefix_len + suffix_len
+        for start in range(0, len(toks) - w + 1, stride):
+            where.append((i, start))
+            pairs.append((toks[start:start + prefix_len], toks[start + prefix_len:start + w]))
+    return where, pairs
+
+
+@torch.no_grad()
+def mine_memorized(
+    model: torch.nn.Module,
+    sequences: Sequence[Any],
+    prefix_len: Optional[int] = 64,
+    suffix_len: int = 48,
+    stride: Optional[int] = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict:
+    """Find memorized windows by teacher-forced argmax (SPEC §5).
+
+    A window (P, S) counts as memorized when, feeding P + S in one forward pass, the argmax
+    of the logits at every position that predicts a token of S equals that token. This is
+    exactly "greedy decoding from P reproduces S" (strict recitation), found with one forward
+    pass instead of |S| decoding steps: with all earlier suffix tokens correct, each greedy
+    step sees the same context as teacher forcing.
+
+    Args:
+        sequences: token sequences or ``(prefix, suffix)`` pairs, split as in :func:`recitation`.
+        stride: None tests one window per sequence (its first ``prefix_len + suffix_len``
+            tokens); an int slides windows of that length over each sequence with this step.
+    Returns:
+        ``{"memorized": [bool per window], "windows": [(sequence index, start)],
+        "matched": [suffix positions matched per window], "fraction", "n",
+        "sequences": [(P, S) of the memorized windows]}``.
+    """
+    if stride is not None and stride < 1:
+        raise ValueError(f"stride must be ≥ 1, got {stride}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    where, pairs = _windows(sequences, prefix_len, suffix_len, stride)
+    n = len(pairs)
+    matched: list[int] = [0] * n
+    # Group by (|P|, |S|) so that no batch needs padding.
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, (p, s) in enumerate(pairs):
+        groups[(len(p), len(s))].append(i)
+    chunks = [(key, idx[k:k + batch_size]) for key in sorted(groups) for idx in [groups[key]]
+              for k in range(0, len(idx), batch_size)]
+    device = _model_device(model)
+    _, has_keep = _forward_kwargs(model)
+    with _eval_mode(model):
+        for (plen, slen), chunk in _progress(chunks, len(chunks), "mine", progress):
+            ids = torch.tensor([pairs[i][0] + pairs[i][1] for i in chunk], dtype=torch.long, device=device)
+            extra = {"logits_to_keep": slen + 1} if has_keep else {}
+            logits = _logits(model(input_ids=ids, use_cache=False, **extra))
+            # the logits at positions plen-1 .. plen+slen-2 predict the suffix tokens
+            pred = logits[:, -(slen + 1):-1, :].argmax(dim=-1)
+            hit = (pred == ids[:, plen:]).sum(dim=1).tolist()
+            for i, h in zip(chunk, hit):
+                matched[i] = int(h)
+    memorized = [m == len(pairs[i][1]) for i, m in enumerate(matched)]
+    return {"memorized": memorized, "windows": where, "matched": matched,
+            "fraction": sum(memorized) / n if n else float("nan"), "n": n,
+            "sequences": [pairs[i] for i in range(n) if memorized[i]]}
+
+
+# --------------------------------------------------------------------------------------
+# Agreement: nDCG@k of the edited model's top-k against the original's
+# --------------------------------------------------------------------------------------
+def ndcg_from_logits(logits_ref: torch.Tensor, logits_new: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Per-position nDCG@k of ``logits_new``'s top-k list against ``logits_ref``'s ranking.
+
+    logits_ref, logits_new: (N, V). Relevance is graded by the reference (original) model's
+    ranking: the token at reference rank r (0-based, r < k) has relevance k − r, every other
+    token 0. DCG of the new model's top-k list = Σ_{q<k} rel(token at new rank q) / log2(q + 2);
+    the ideal DCG is the reference's own list, Σ_{r<k} (k − r) / log2(r + 2). So the score is 1
+    exactly when both models give the same top-k in the same order, 0 when the lists are
+    disjoint, and swapping the top two costs more than swapping the last two. Returns (N,) float64.
+    """
+    if logits_ref.shape != logits_new.shape or logits_ref.dim() != 2:
+        raise ValueError(f"ndcg: logits must be two (N, V) tensors of one shape, got {tuple(logits_ref.shape)} "
+                         f"and {tuple(logits_new.shape)}")
+    k = min(int(k), logits_ref.shape[1])
+    if k < 1:
+        raise ValueError("ndcg: k must be ≥ 1")
+    top_ref = logits_ref.topk(k, dim=-1).indices                      # (N, k)
+    top_new = logits_new.topk(k, dim=-1).indices                      # (N, k)
+    gains = torch.arange(k, 0, -1, dtype=torch.float64, device=top_ref.device)   # k, k-1, ..., 1
+    discount = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=top_ref.device) + 2.0)
+    # rel[n, q] = gain of new-rank-q token in the reference list (0 if absent)
+    eq = top_new.unsqueeze(2) == top_ref.unsqueeze(1)                # (N, k_new, k_ref)
+    rel = (eq.double() * gains).sum(dim=2)
+    dcg = (rel * discount).sum(dim=1)
+    idcg = float((gains * discount).sum())
+    return dcg / idcg
+
+
+@torch.no_grad()
+def ndcg_at_k(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: Any, k: int = 10,
+              batch_size: int = 8, progress: bool = True) -> dict:
+    """Mean nDCG@k of ``model_b``'s (edited) next-token top-k against ``model_a``'s (original).
+
+    Every real position (``attention_mask`` = 1) is scored, including each sequence's last
+    one: the next-token distribution exists there too. See :func:`ndcg_from_logits` for the
+    relevance definition. ``batches``: as for :func:`perplexity`.
+    Returns ``{"ndcg": mean over positions, "top1_agreement": fraction of positions with the
+    same argmax, "positions": N}``.
+    """
+    data, total = _as_batches(batches, batch_size)
+    dev_a, dev_b = _model_device(model_a), _model_device(model_b)
+    total_score = 0.0
+    top1 = 0
+    n = 0
+    with _eval_mode(model_a), _eval_mode(model_b):
+        for b in _progress(data, total, "ndcg", progress):
+            ids = b["input_ids"]
+            ids = ids[None] if ids.dim() == 1 else ids
+            mask = b.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask
+            la = _logits(model_a(input_ids=ids.to(dev_a), attention_mask=mask.to(dev_a), use_cache=False))
+            lb = _logits(model_b(input_ids=ids.to(dev_b), attention_mask=mask.to(dev_b), use_cache=False))
+            keep = mask.reshape(-1).bool()
+            la = la.reshape(-1, la.shape[-1])[keep.to(la.device)].float()
+            lb = lb.reshape(-1, lb.shape[-1])[keep.to(lb.device)].float().to(la.device)
+            if la.shape[0] == 0:
+                continue
+            total_score += float(ndcg_from_logits(la, lb, k).sum())
+            top1 += int((la.argmax(-1) == lb.argmax(-1)).sum())
+            n += la.shape[0]
+    if n == 0:
+        raise ValueError("ndcg: no real positions in the data")
+    return {"ndcg": total_score / n, "top1_agreement": top1 / n, "positions": n, "k": k}
+
+
+def ndcg_at_10(model_a: torch.nn.Module, model_b: torch.nn.Module, batches: Any, batch_size: int = 8,
+               progress: bool = True) -> dict:
+    """:func:`ndcg_at_k` with k = 10 (SPEC §5): ``model_a`` original, ``model_b`` edited."""
+    return ndcg_at_k(model_a, model_b, batches, k=10, batch_size=batch_size, progress=progress)
+
+
+# --------------------------------------------------------------------------------------
+# Classifiers with noisy labels (SPEC §5, vision)
+# --------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_labels(model: torch.nn.Module, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Argmax class of an image classifier: pixel_values (N, C, H, W) → (N,) int64 (CPU)."""
+    device = _model_device(model)
+    out = []
+    with _eval_mode(model):
+        for k in range(0, pixel_values.shape[0], batch_size):
+            logits = _logits(model(pixel_values=pixel_values[k:k + batch_size].to(device)))
+            out.append(logits.argmax(dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def noisy_label_metrics_from_predictions(pred_train: torch.Tensor, noisy_labels: torch.Tensor,
+                                         true_labels: torch.Tensor, pred_val: Optional[torch.Tensor] = None,
+                                         val_labels: Optional[torch.Tensor] = None) -> dict:
+    """The noisy-label metrics from predictions (all (N,) int tensors).
+
+    The noisy set is the training examples whose given label differs from the true one.
+    ``memorized``: fraction of the noisy set predicted with its noisy (given) label;
+    ``true_label_acc``: fraction of the noisy set predicted with its true label;
+    ``clean_train_acc``: accuracy on the rest of the training set; ``val_acc``: validation
+    accuracy (when given). Fractions in [0, 1]; NaN for an empty set.
+    """
+    pred_train, noisy_labels, true_labels = (torch.as_tensor(t).reshape(-1) for t in
+                                             (pred_train, noisy_labels, true_labels))
+    if not (pred_train.shape == noisy_labels.shape == true_labels.shape):
+        raise ValueError(f"noisy_label_metrics: shapes differ: predictions {tuple(pred_train.shape)}, noisy "
+                         f"{tuple(noisy_labels.shape)}, true {tuple(true_labels.shape)}")
+    noisy = noisy_labels != true_labels
+
+    def frac(hit: torch.Tensor, sel: torch.Tensor) -> float:
+        return float(hit[sel].double().mean()) if bool(sel.any()) else float("nan")
+
+    out = {"memorized": frac(pred_train == noisy_labels, noisy),
+           "true_label_acc": frac(pred_train == true_labels, noisy),
+           "clean_train_acc": frac(pred_train == true_labels, ~noisy),
+           "noisy": int(noisy.sum()), "train": int(noisy.numel())}
+    if pred_val is not None:
+        pv, vl = torch.as_tensor(pred_val).reshape(-1), torch.as_tensor(val_labels).reshape(-1)
+        if pv.shape != vl.shape:
+            raise ValueError(f"noisy_label_metrics: {pv.numel()} validation predictions but {vl.numel()} labels")
+        out["val_acc"] = float((pv == vl).double().mean()) if pv.numel() else float("nan")
+        out["val"] = int(pv.numel())
+    return out
+
+
+def noisy_label_metrics(model: torch.nn.Module, train_pixels: torch.Tensor, noisy_labels: torch.Tensor,
+                        true_labels: torch.Tensor, val_pixels: Optional[torch.Tensor] = None,
+                        val_labels: Optional[torch.Tensor] = None, batch_size: int = 256) -> dict:
+    """SPEC §5 vision metrics of an image classifier (see
+    :func:`noisy_label_metrics_from_predictions`). train_pixels: (N, C, H, W) float;
+    noisy_labels: the labels it was trained on; true_labels: the clean ones."""
+    pred_val = None if val_pixels is None else predict_labels(model, val_pixels, batch_size)
+    return noisy_label_metrics_from_predictions(predict_labels(model, train_pixels, batch_size), noisy_labels,
+                                                true_labels, pred_val, val_labels)

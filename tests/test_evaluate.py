@@ -243,3 +243,161 @@ def test_perplexity_accepts_tensor_and_skips_all_padding(llama):
     assert c["batches"] == 1 and c["perplexity"] == pytest.approx(a["perplexity"], rel=1e-9)
     with pytest.raises(ValueError, match="no predicted tokens"):
         perplexity(llama, [pad_batch], progress=False)
+
+
+# --------------------------------------------------------------------------------------
+# Memorized-set mining (teacher-forced argmax)
+# --------------------------------------------------------------------------------------
+from curvfast.evaluate import (mine_memorized, ndcg_at_10, ndcg_at_k, ndcg_from_logits,  # noqa: E402
+                               noisy_label_metrics, noisy_label_metrics_from_predictions)
+
+
+def _chain(table, start, n):
+    out = [start]
+    for _ in range(n - 1):
+        out.append(int(table[out[-1]]))
+    return out
+
+
+def test_mine_memorized_table_model_counts_matches():
+    V = 13
+    table = [(3 * t + 1) % V for t in range(V)]
+    model = _TableModel(table)
+    good = _chain(table, 4, 9)                        # every next token follows the table
+    bad_last = good[:-1] + [(good[-1] + 1) % V]       # the last suffix token is wrong
+    bad_first = good[:5] + [(good[5] + 1) % V] + good[6:]  # first suffix token wrong; rest still chain
+    res = mine_memorized(model, [good, bad_last, bad_first], prefix_len=5, suffix_len=4, progress=False)
+    assert res["memorized"] == [True, False, False]
+    # bad_first: position 5 wrong (pred from good[4] = good[5] ≠ given); position 6 is predicted
+    # from the wrong token, table[good[5]+1] vs good[6]: count by hand
+    want3 = (int(table[good[4]]) == bad_first[5]) + (int(table[bad_first[5]]) == bad_first[6]) \
+        + (int(table[bad_first[6]]) == bad_first[7]) + (int(table[bad_first[7]]) == bad_first[8])
+    assert res["matched"] == [4, 3, want3]
+    assert res["fraction"] == pytest.approx(1 / 3)
+    assert res["sequences"] == [(good[:5], good[5:9])]
+
+
+def test_mine_memorized_sliding_windows():
+    V = 11
+    table = [(t + 2) % V for t in range(V)]
+    seq = _chain(table, 0, 12)
+    seq[7] = (seq[7] + 5) % V  # breaks the chain: windows whose suffix predicts 7 or 8 fail
+    res = mine_memorized(_TableModel(table), [seq], prefix_len=3, suffix_len=2, stride=1, progress=False)
+    assert res["windows"] == [(0, s) for s in range(0, 12 - 5 + 1)]
+    # window at start s predicts tokens s+3, s+4; fails iff 7 or 8 is among them
+    want = [not ({s + 3, s + 4} & {7, 8}) for s in range(8)]
+    assert res["memorized"] == want
+
+
+def test_mine_memorized_equals_strict_recitation(llama):
+    rng = random.Random(3)
+    prefixes = [[rng.randrange(3, 61) for _ in range(6)] for _ in range(6)]
+    items = []
+    for i, p in enumerate(prefixes):
+        s = _naive_greedy(llama, p, 5)
+        if i % 3 == 1:
+            s = s[:-1] + [(s[-1] + 1) % 61]          # last token off by one
+        elif i % 3 == 2:
+            s = [rng.randrange(3, 61) for _ in range(5)]
+        items.append((p, s))
+    mined = mine_memorized(llama, items, batch_size=4, progress=False)
+    rec = recitation(llama, items, batch_size=4, progress=False, return_details=True)
+    assert mined["memorized"] == [d["strict"] for d in rec["details"]]
+    assert mined["memorized"][0::3] == [True, True]
+
+
+# --------------------------------------------------------------------------------------
+# nDCG@k
+# --------------------------------------------------------------------------------------
+def _logits_with_order(order, V):
+    """One row whose ranking is `order` first (descending), then the rest."""
+    row = torch.zeros(V, dtype=torch.float64)
+    for r, t in enumerate(order):
+        row[t] = 100.0 - r
+    return row
+
+
+def test_ndcg_hand_computed():
+    V = 12
+    ref = _logits_with_order([5, 1, 7], V)
+    new = _logits_with_order([1, 5, 9], V)
+    # k = 3: reference gains 5→3, 1→2, 7→1; new list 1, 5, 9 → gains 2, 3, 0
+    dcg = 2 / math.log2(2) + 3 / math.log2(3) + 0 / math.log2(4)
+    idcg = 3 / math.log2(2) + 2 / math.log2(3) + 1 / math.log2(4)
+    got = ndcg_from_logits(ref[None], new[None], k=3)
+    assert got.item() == pytest.approx(dcg / idcg, rel=1e-12)
+    assert ndcg_from_logits(ref[None], ref[None], k=3).item() == pytest.approx(1.0)
+    disjoint = _logits_with_order([0, 2, 3], V)
+    assert ndcg_from_logits(ref[None], disjoint[None], k=3).item() == 0.0
+    # swapping the top two costs more than swapping the last two
+    a = _logits_with_order([1, 5, 7], V)
+    b = _logits_with_order([5, 7, 1], V)
+    assert ndcg_from_logits(ref[None], a[None], 3) < ndcg_from_logits(ref[None], b[None], 3)
+
+
+def test_ndcg_models_against_explicit_loop(llama):
+    import copy
+
+    edited = copy.deepcopy(llama)
+    with torch.no_grad():
+        edited.model.layers[1].mlp.up_proj.weight.mul_(0.0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 61, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    res = ndcg_at_10(llama, edited, [{"input_ids": ids, "attention_mask": mask}], progress=False)
+    # explicit: per real position, gains from the original's top-10, discounts 1/log2(q+2)
+    la, lb = llama(input_ids=ids, attention_mask=mask).logits, edited(input_ids=ids, attention_mask=mask).logits
+    idcg = sum((10 - r) / math.log2(r + 2) for r in range(10))
+    scores = []
+    for b in range(3):
+        for t in range(9):
+            if not mask[b, t]:
+                continue
+            ref = la[b, t].topk(10).indices.tolist()
+            new = lb[b, t].topk(10).indices.tolist()
+            dcg = sum((10 - ref.index(tok)) / math.log2(q + 2) for q, tok in enumerate(new) if tok in ref)
+            scores.append(dcg / idcg)
+    assert res["positions"] == len(scores) == 24
+    assert res["ndcg"] == pytest.approx(sum(scores) / len(scores), rel=1e-9)
+    assert 0.0 < res["ndcg"] < 1.0
+    assert ndcg_at_k(llama, llama, ids, k=5, progress=False)["ndcg"] == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------
+# Noisy-label classifier metrics
+# --------------------------------------------------------------------------------------
+def test_noisy_label_metrics_hand_computed():
+    true = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    noisy = torch.tensor([0, 1, 3, 3, 0, 2, 1, 0])   # rows 2, 4, 5, 7 are noisy
+    pred = torch.tensor([0, 2, 3, 3, 4, 1, 1, 0])    # noisy rows: 3 (noisy), 4 (true), 1 (neither), 0 (noisy)
+    m = noisy_label_metrics_from_predictions(pred, noisy, true, torch.tensor([1, 1, 0]), torch.tensor([1, 0, 0]))
+    assert m["noisy"] == 4 and m["train"] == 8
+    assert m["memorized"] == pytest.approx(2 / 4)
+    assert m["true_label_acc"] == pytest.approx(1 / 4)
+    assert m["clean_train_acc"] == pytest.approx(3 / 4)   # clean rows 0,1,3,6: pred right on 0,3,6
+    assert m["val_acc"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="shapes"):
+        noisy_label_metrics_from_predictions(pred[:3], noisy, true)
+
+
+class _PixelClassifier(torch.nn.Module):
+    """logits = one-hot of the first pixel's value."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.C = C
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, pixel_values):
+        return {"logits": torch.nn.functional.one_hot(pixel_values[:, 0, 0, 0].long(), self.C).float()}
+
+
+def test_noisy_label_metrics_runs_the_model():
+    pred = torch.tensor([0, 2, 3, 3, 4, 1, 1, 0])
+    px = torch.zeros(8, 1, 2, 2)
+    px[:, 0, 0, 0] = pred.float()
+    true = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    noisy = torch.tensor([0, 1, 3, 3, 0, 2, 1, 0])
+    m = noisy_label_metrics(_PixelClassifier(5), px, noisy, true, px[:3], torch.tensor([0, 2, 0]), batch_size=3)
+    assert m == noisy_label_metrics_from_predictions(pred, noisy, true, pred[:3], torch.tensor([0, 2, 0]))
