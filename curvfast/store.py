@@ -161,7 +161,8 @@ def save_factors(factors: FactorSet, path: PathLike, packed: bool = True) -> Pat
         if f"A/{f.a_key}" not in tensors:
             tensors[f"A/{f.a_key}"] = store(f.A)
         tensors[f"G/{name}"] = store(f.G)
-        modules[name] = {"a_key": f.a_key, "d_out": f.d_out, "d_in": f.d_in, "tokens": f.tokens, "packed": packed}
+        modules[name] = {"a_key": f.a_key, "d_out": f.d_out, "d_in": f.d_in, "tokens": f.tokens, "packed": packed,
+                         "dtype": str(f.G.dtype).replace("torch.", "")}
     return _atomic_save(tensors, _metadata("factors", factors.meta, modules), path)
 
 
@@ -216,7 +217,8 @@ def save_eigen(eigen: EigenSet, path: PathLike) -> Path:
         tensors[f"G/{name}/evals"] = e.G.evals
         tensors[f"G/{name}/evecs"] = e.G.evecs
         modules[name] = {"a_key": e.a_key, "d_out": e.G.evals.shape[0], "d_in": e.A.evals.shape[0],
-                         "tokens": e.tokens, "clamped_A": e.A.clamped, "clamped_G": e.G.clamped}
+                         "tokens": e.tokens, "clamped_A": e.A.clamped, "clamped_G": e.G.clamped,
+                         "dtype": str(e.G.evecs.dtype).replace("torch.", "")}
     return _atomic_save(tensors, _metadata("eigen", eigen.meta, modules), path)
 
 
