@@ -1,4 +1,4 @@
-"""The ``curvfast`` command line: collect | eigen | edit | eval | demo | info."""
+"""The ``curvfast`` command line: collect | eigen | edit | eval | demo | sweep | info."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,15 @@ EXAMPLES = {
           curvfast demo --rho 0.7 --json demo.json
         Offline, no downloads. The first run trains the model (a few minutes on 2 CPU cores);
         later runs reuse the cache.""",
+    "sweep": """\
+        example:
+          curvfast sweep ./my-model --data train.jsonl --tokens 2000000 --memorized heldout_memorized.jsonl \\
+              --heldout heldout.txt --layer-sets "23,24,25;20-25;-4:" --rho 0.6 0.7 0.8 0.9 --out sweep/
+        One factor collection (or --factors / --eigen from earlier runs) and one
+        eigendecomposition serve every point; only the edit is redone, and the model is
+        restored between points. Writes sweep.json, sweep.md and sweep.png (matplotlib) to
+        --out and names the best setting: lowest strict recitation with perplexity increase
+        <= --max-ppl-increase; ties -> lower loose recitation, then lower perplexity.""",
     "info": """\
         example:
           curvfast info
@@ -381,6 +390,56 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    import curvfast
+    from curvfast.data import load_memorized, text_batches
+    from curvfast.sweep import format_sweep, layer_subsets, sweep, write_sweep
+
+    given = [x for x in (args.data, args.factors, args.eigen) if x]
+    if len(given) != 1:
+        raise CliError("give exactly one of --data (collect factors now), --factors or --eigen")
+    specs = [x.strip() for x in args.layer_sets.split(";") if x.strip()]
+    if not specs:
+        raise CliError("--layer-sets is empty; give e.g. '23,24,25;20-25'")
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CliError(f"{out} exists and is not empty; pass --overwrite to write into it")
+    device = _device(args.device)
+    model = load_model(args.model, device, _dtype(args.dtype, device), args.trust_remote_code)
+    need_tok = _needs_tokenizer(args.heldout) or (bool(args.data) and _needs_tokenizer(args.data))
+    tok = load_tokenizer(args.model, need_tok, args.trust_remote_code)
+    modules = args.modules.split(",") if "," in args.modules else args.modules
+    union: list[str] = []
+    for spec in specs:  # fail fast on a bad layer spec, before any collection
+        for n in curvfast.resolve_modules(model, modules, None if spec == "all" else spec):
+            if n not in union:
+                union.append(n)
+    if args.data:
+        cap = None if args.tokens is None else \
+            -(-args.tokens // max(args.seq_len - 1, 1)) * args.seq_len + args.seq_len * args.batch_size
+        batches = text_batches(args.data, tok, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=cap)
+        factors = curvfast.collect_factors(model, batches, modules=union, fisher=args.fisher, seed=args.seed,
+                                           progress=not args.quiet, max_tokens=args.tokens)
+        eigen = curvfast.eigendecompose(factors, progress=not args.quiet)
+    elif args.factors:
+        eigen = curvfast.eigendecompose(curvfast.load_factors(args.factors), progress=not args.quiet)
+    else:
+        eigen = curvfast.load_eigen(args.eigen)
+    subsets = layer_subsets(model, eigen, specs, modules)
+    memorized = load_memorized(args.memorized, tok, max_sequences=args.max_sequences)
+    held = text_batches(args.heldout, tok, seq_len=args.seq_len, batch_size=args.batch_size,
+                        max_tokens=args.max_tokens, drop_last=False)
+    prefix_len = None if args.prefix_len == 0 else args.prefix_len
+    result = sweep(model, eigen, subsets, args.rho, memorized, held, prefix_len=prefix_len,
+                   suffix_len=args.suffix_len, max_ppl_increase=args.max_ppl_increase,
+                   batch_size=args.batch_size, progress=not args.quiet)
+    written = write_sweep(result, out)
+    print(format_sweep(result))
+    print(f"wrote {', '.join(v for k, v in written.items() if k != 'note')}"
+          + (f" ({written['note']})" if "note" in written else ""), file=sys.stderr)
+    return 0
+
+
 def cmd_info(args) -> int:
     import platform
 
@@ -503,6 +562,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    p = add("sweep", "Sweep layer subsets x rho on held-out memorized data and text; name the best setting.")
+    p.add_argument("model", help="local Hugging Face model directory")
+    p.add_argument("--memorized", required=True, help="jsonl of held-out memorized sequences (as for 'eval')")
+    p.add_argument("--heldout", nargs="+", required=True, help="held-out .txt / .jsonl files for perplexity")
+    p.add_argument("--data", nargs="+", default=None, help="data to collect factors on (or give --factors / --eigen)")
+    p.add_argument("--factors", default=None, help="factors from 'curvfast collect' covering every layer set")
+    p.add_argument("--eigen", default=None, help="eigenbases from 'curvfast eigen' covering every layer set")
+    p.add_argument("--modules", default="mlp_in", help="modules edited in each layer set (default mlp_in: gate/up)")
+    p.add_argument("--layer-sets", required=True,
+                   help="';'-separated layer selections, e.g. '23,24,25;20-25;-4:;upper;all'")
+    p.add_argument("--rho", type=_parse_rho, nargs="+", default=[0.6, 0.7, 0.8, 0.9],
+                   help="curvature-mass fractions (default 0.6 0.7 0.8 0.9)")
+    p.add_argument("--max-ppl-increase", type=float, default=0.10,
+                   help="perplexity budget of the best-setting rule, relative (default 0.10 = +10%%)")
+    p.add_argument("--fisher", choices=("true", "empirical"), default="true", help="with --data (default true)")
+    p.add_argument("--tokens", type=_positive_int, default=None, help="with --data: counted tokens to collect")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled targets (default 0)")
+    p.add_argument("--prefix-len", type=int, default=64, help="prefix tokens (default 64; 0 = all but the suffix)")
+    p.add_argument("--suffix-len", type=_positive_int, default=48, help="suffix tokens to recite (default 48)")
+    p.add_argument("--max-sequences", type=_positive_int, default=None, help="memorized sequences to use at most")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help="sequence length for data and perplexity")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="held-out tokens to read at most")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
+    p.add_argument("--out", required=True, help="output directory for sweep.json, sweep.md, sweep.png")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
+    _common_model_args(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = add("info", "Show versions, the build and available compute backends.")
     p.set_defaults(func=cmd_info)
