@@ -1,4 +1,4 @@
-"""The ``curvfast`` command line: collect | eigen | edit | eval | demo | sweep | info."""
+"""The ``curvfast`` command line: collect | eigen | edit | eval | demo | sweep | report | info."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +54,13 @@ EXAMPLES = {
         restored between points. Writes sweep.json, sweep.md and sweep.png (matplotlib) to
         --out and names the best setting: lowest strict recitation with perplexity increase
         <= --max-ppl-increase; ties -> lower loose recitation, then lower perplexity.""",
+    "report": """\
+        example:
+          curvfast demo --compare --vision --json demo.json && curvfast report demo.json --out report/
+          curvfast report demo.json sweep/sweep.json --out report/
+        Writes report/report.md with PNG plots (spectra, recitation vs rho, matched comparison,
+        ViT arm, band shares, sweep) for whatever the results hold; plots need matplotlib
+        (pip install 'curvfast[plot]'), tables are written without it.""",
     "info": """\
         example:
           curvfast info
@@ -440,6 +447,18 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from curvfast.report import build_report, load_results
+
+    out = Path(args.out).expanduser()
+    if (out / "report.md").exists() and not args.overwrite:
+        raise CliError(f"{out / 'report.md'} exists; pass --overwrite to replace it")
+    written = build_report(load_results(args.results), out)
+    print(f"wrote {written['markdown']} and {len(written['plots'])} plots"
+          + (f" ({written['note']})" if "note" in written else ""), file=sys.stderr)
+    return 0
+
+
 def cmd_info(args) -> int:
     import platform
 
@@ -590,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
     _common_model_args(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = add("report", "Turn demo / sweep results (JSON) into a markdown page with PNG plots.")
+    p.add_argument("results", nargs="+", help="JSON files from 'curvfast demo --json' and/or 'curvfast sweep'")
+    p.add_argument("--out", required=True, help="output directory for report.md and the plots")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report.md")
+    p.set_defaults(func=cmd_report)
 
     p = add("info", "Show versions, the build and available compute backends.")
     p.set_defaults(func=cmd_info)
