@@ -10,7 +10,9 @@ the reference and the fallback; ``"cpp"`` is the blocked two-stage solver of cur
 (csrc/cpu/eigh_*.cpp: dense -> band -> tridiagonal -> divide and conquer, GEMM
 back-transformations), which also serves partial spectra (``top=k``) at ~k/n of the
 back-transformation cost and batches (several decompositions in flight, largest first);
-``"cuda"`` is reserved for the GPU two-stage solver (not built yet: raises). ``"auto"`` picks
+``"cuda"`` is the same two-stage solver on CUDA tensors (csrc/cuda/eigh_*.cu: band reduction with
+cuSOLVER/cuBLAS, bulge chasing as a CUDA kernel, D&C on the host, GEMM back-transformations;
+batches on several streams), available when curvfast._C was built with CUDA. ``"auto"`` picks
 torch: on the idle 2-core host MKL beat the C++ solver for single decompositions (1.4-1.7x),
 partial spectra (1.14x) and batches of 8 mid-size matrices (1.65x)
 (benchmarks/results/cpu_eigh.json). The C++ solver wins only when the machine is loaded,
@@ -95,13 +97,23 @@ def _twostage_ops():
                   "rebuild with `pip install -e . --no-build-isolation`")
 
 
+def _cuda_status(op, why: str) -> tuple[bool, str]:
+    if op is None:
+        return False, why
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("curvfast::eigh_twostage", "CUDA"):
+        return False, ("curvfast._C was built without the CUDA two-stage eigensolver (csrc/cuda/eigh_*.cu); "
+                       "reinstall with a CUDA build of torch and CURVFAST_CUDA=1, or use backend='torch' (cuSOLVER)")
+    if not torch.cuda.is_available():
+        return False, "the CUDA two-stage eigensolver is compiled, but no CUDA device is visible"
+    return True, "two-stage solver in curvfast._C (CUDA)"
+
+
 def eigh_backend_status() -> dict[str, tuple[bool, str]]:
     """Map eigh backend -> (available, reason)."""
     op, why = _twostage_ops()
     return {"torch": (True, f"torch.linalg.eigh, torch {torch.__version__}"),
             "cpp": (op is not None, "two-stage solver in curvfast._C" if op is not None else why),
-            "cuda": (False, "the CUDA two-stage eigensolver is not built yet (csrc/cuda has no eigh kernels); "
-                            "use backend='torch' (cuSOLVER) or 'auto'")}
+            "cuda": _cuda_status(op, why)}
 
 
 def resolve_eigh_backend(backend: str, device: torch.device, n: int, top: Optional[int] = None,
@@ -121,22 +133,25 @@ def resolve_eigh_backend(backend: str, device: torch.device, n: int, top: Option
     if backend == "cpp" and device.type != "cpu":
         raise BackendUnavailable(f"eigh backend 'cpp' runs on CPU tensors, got {device.type}; "
                                  "use backend='auto' or move the matrix to the CPU")
+    if backend == "cuda" and device.type != "cuda":
+        raise BackendUnavailable(f"eigh backend 'cuda' runs on CUDA tensors, got {device.type}; "
+                                 "use backend='cpp' or 'auto', or move the matrix to the GPU")
     return backend
 
 
 def eigh_twostage(M: torch.Tensor, top: Optional[int] = None, band: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C++ two-stage solver, unchecked. M: (n, n) float32/float64 CPU. Returns evals (k,)
-    descending and evecs (n, k), k = top or n."""
+    """The two-stage solver, unchecked. M: (n, n) float32/float64 on the CPU (C++ solver) or a
+    CUDA device (CUDA solver, when built). Returns evals (k,) descending and evecs (n, k), k = top or n."""
     op, why = _twostage_ops()
     if op is None:
         from curvfast.ops import BackendUnavailable
 
-        raise BackendUnavailable(f"eigh backend 'cpp' is unavailable: {why}")
+        raise BackendUnavailable(f"eigh backend {'cuda' if M.is_cuda else 'cpp'!r} is unavailable: {why}")
     return op.eigh_twostage(M, band, int(top or 0))
 
 
 def _solve(work: torch.Tensor, solver: str, top: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    if solver == "cpp":
+    if solver in ("cpp", "cuda"):
         return eigh_twostage(work, top)
     evals, evecs = eigh_ref(work)
     if top is not None:
@@ -234,16 +249,17 @@ def eigh_batched(Ms: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None
     out: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(Ms)
     solvers = [resolve_eigh_backend(backend, M.device, M.shape[0], _top(t, M.shape[0]), batched=len(Ms) > 1)
                for M, t in zip(Ms, tops)]
-    # C++ batch: one call, worker threads inside; results then verified one by one.
-    cpp = [i for i, s in enumerate(solvers) if s == "cpp"]
+    # Two-stage batch (C++: worker threads; CUDA: streams): one call per (device, dtype, top);
+    # results then verified one by one.
+    cpp = [i for i, s in enumerate(solvers) if s in ("cpp", "cuda")]
     firsts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if cpp:
         op, _ = _twostage_ops()
-        groups: dict[tuple[torch.dtype, int], list[int]] = {}
+        groups: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
         for i in cpp:
             dt = dtype or (Ms[i].dtype if Ms[i].dtype in (torch.float32, torch.float64) else torch.float32)
-            groups.setdefault((dt, _top(tops[i], Ms[i].shape[0]) or 0), []).append(i)
-        for (dt, k), idx in groups.items():
+            groups.setdefault((Ms[i].device, dt, _top(tops[i], Ms[i].shape[0]) or 0), []).append(i)
+        for (_, dt, k), idx in groups.items():
             work = [((Ms[i] + Ms[i].T) * 0.5).to(dt) for i in idx]
             try:
                 ws, zs = op.eigh_twostage_batched(work, 0, k, workers)
@@ -345,9 +361,9 @@ def eigendecompose(factors: Mapping, dtype: torch.dtype = torch.float32, device:
 
     dtype: solver and storage dtype (float64 is more accurate for tiny eigenvalues of
     ill-conditioned factors). device: where to solve (default: where the factors are).
-    backend: eigh backend (see :func:`eigh`). With ``"cpp"`` all factors are decomposed as one
-    batch by the C++ solver (``workers`` in flight, largest first); otherwise one by one,
-    largest first, with :func:`spectrum`.
+    backend: eigh backend (see :func:`eigh`). With ``"cpp"`` (``"cuda"``) all factors are decomposed
+    as one batch by the two-stage solver (``workers`` threads / streams in flight, largest first);
+    otherwise one by one, largest first, with :func:`spectrum`.
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -369,7 +385,7 @@ def eigendecompose(factors: Mapping, dtype: torch.dtype = torch.float32, device:
     try:
         works = [M if device is None else M.to(device) for _, _, M in jobs]
         batch = [i for i, w in enumerate(works)
-                 if backend == "cpp" and resolve_eigh_backend(backend, w.device, w.shape[0]) == "cpp"]
+                 if backend in ("cpp", "cuda") and resolve_eigh_backend(backend, w.device, w.shape[0]) == backend]
         if batch:
             res = eigh_batched([works[i] for i in batch], dtype=dtype, backend=backend, workers=workers,
                                names=[f"{jobs[i][0]} of {jobs[i][1]}" for i in batch])

@@ -163,11 +163,14 @@ class Results:
                              f"{_f(r.get('frac_peak'), pct=True)} |")
             lines.append("")
         if self.data["eigh"]:
-            lines += ["## torch.linalg.eigh fp32 (baseline for the eigensolver)", "",
-                      "| case | s | residual ‖AQ−QΛ‖/‖A‖ | ‖QᵀQ−I‖ |", "|---|---|---|---|"]
+            lines += ["## eigh fp32: torch.linalg.eigh (cuSOLVER) vs curvfast CUDA two-stage", "",
+                      "| case | torch s | torch residual | torch ‖QᵀQ−I‖/√n | curvfast s | curvfast residual "
+                      "| curvfast ‖QᵀQ−I‖/√n | speedup |", "|---|---|---|---|---|---|---|---|"]
             for r in self.data["eigh"]:
                 lines.append(f"| {r['case']} | {_f(r.get('seconds'))} | {_e(r.get('residual'))} | "
-                             f"{_e(r.get('orthogonality'))} |")
+                             f"{_e(r.get('orthogonality'))} | {_f(r.get('curvfast_seconds'))} | "
+                             f"{_e(r.get('curvfast_residual'))} | {_e(r.get('curvfast_orthogonality'))} | "
+                             f"{_f(r.get('speedup'))} |")
             lines.append("")
         if self.data["errors"]:
             lines += ["## failures", ""] + [f"- {e['case']}: `{e['error'][:300]}`" for e in self.data["errors"]] + [""]
@@ -351,66 +354,123 @@ def bench_grouped(res: Results, budget: Budget, T=16384) -> None:
     torch.cuda.empty_cache()
 
 
-def bench_eigh(res: Results, budget: Budget, sizes=(4096, 8192, 11008, 16384), loop=8) -> None:
+def bench_eigh(res: Results, budget: Budget, sizes=(4096, 8192, 11008, 16384), batch=32) -> None:
+    """fp32 eigendecompositions: torch.linalg.eigh (cuSOLVER syevd) vs curvfast's CUDA two-stage
+    solver (torch.ops.curvfast.eigh_twostage, csrc/cuda/eigh_*.cu), same matrices, same run; then a
+    batch of `batch` x n=4096: a torch loop vs curvfast's batched driver (streams). Each solver of
+    each case catches its own failure (cuSOLVER is reported to fail above n ~ 25k)."""
     if os.environ.get("CURVFAST_BENCH_EIGH_32K") == "1":
         sizes = tuple(sizes) + (32768,)
+    ours = None
+    try:
+        from curvfast import eigen
+
+        ok, why = eigen.eigh_backend_status()["cuda"]
+        if ok:
+            ours = torch.ops.curvfast
+        else:
+            res.data["errors"].append({"case": "eigh curvfast cuda", "error": f"unavailable: {why}"})
+    except Exception as e:  # noqa: BLE001
+        res.error("eigh curvfast import", e)
     try:
         a = torch.randn(512, 512, device="cuda")
-        torch.linalg.eigh(a @ a.t())  # load cuSOLVER, make the workspace
+        a = a @ a.t()
+        torch.linalg.eigh(a)  # load cuSOLVER, make the workspace
+        if ours is not None:
+            ours.eigh_twostage(a, 0, 0)  # cuSOLVER geqrf / cuBLAS handles on this stream
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001
         res.error("eigh warm-up", e)
         return
-    last = None  # (n, seconds) to extrapolate n^3
 
-    def one(n):
-        g = torch.randn(n, n, device="cuda") / math.sqrt(n)
-        A = g @ g.t()
-        A = (A + A.t()) / 2
+    def matrix(n, seed=0):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        x = torch.randn(n, n, device="cuda", generator=g) / math.sqrt(n)
+        A = x @ x.t()
+        return (A + A.t()) / 2
+
+    def check(A, evals, Q):
+        n = A.shape[0]
+        resid = ((A @ Q - Q * evals).norm() / A.norm()).item()
+        orth = (Q.t() @ Q - torch.eye(n, device="cuda")).norm().item() / math.sqrt(n)
+        return resid, orth
+
+    def wall(fn):
         torch.cuda.synchronize()
         t0 = time.time()
-        evals, Q = torch.linalg.eigh(A)
+        out = fn()
         torch.cuda.synchronize()
-        sec = time.time() - t0
-        resid = ((A @ Q - Q * evals).norm() / A.norm()).item()
-        orth = (Q.t() @ Q - torch.eye(n, device="cuda")).norm().item()
-        return sec, resid, orth
+        return time.time() - t0, out
 
+    solvers = [("torch", torch.linalg.eigh)]
+    if ours is not None:
+        solvers.append(("curvfast", lambda A: ours.eigh_twostage(A, 0, 0)))
+    last: dict[str, tuple[int, float]] = {}  # solver -> (n, seconds) to extrapolate n^3
     for n in sizes:
-        if last is not None:
-            guess = last[1] * (n / last[0]) ** 3
-            if guess > budget.left() - 15:
-                res.data["errors"].append({"case": f"eigh n={n}", "error": f"skipped: time budget (~{guess:.0f} s)"})
-                continue
-        try:
-            sec, resid, orth = one(n)
-            last = (n, sec)
-            row = {"case": f"n={n}", "n": n, "seconds": sec, "residual": resid, "orthogonality": orth}
-            res.data["eigh"].append(row)
-            print(f"[bench] eigh {row}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            res.error(f"eigh n={n}", e)
+        row = {"case": f"n={n}", "n": n, "dtype": "float32"}
+        res.data["eigh"].append(row)
+        A = None
+        for name, fn in solvers:
+            key = "" if name == "torch" else "curvfast_"
+            if name in last:
+                guess = last[name][1] * (n / last[name][0]) ** 3
+                if guess > budget.left() - 15:
+                    res.data["errors"].append({"case": f"eigh n={n} {name}", "error": f"skipped: time budget (~{guess:.0f} s)"})
+                    continue
+            try:
+                A = matrix(n) if A is None else A
+                sec, (evals, Q) = wall(lambda: fn(A))
+                last[name] = (n, sec)
+                row[key + "seconds"] = sec
+                row[key + "residual"], row[key + "orthogonality"] = check(A, evals, Q)
+                del evals, Q
+            except Exception as e:  # noqa: BLE001
+                res.error(f"eigh n={n} {name}", e)
+            torch.cuda.empty_cache()
+        if row.get("seconds") and row.get("curvfast_seconds"):
+            row["speedup"] = row["seconds"] / row["curvfast_seconds"]
+        print(f"[bench] eigh {row}", flush=True)
+        del A
         torch.cuda.empty_cache()
         res.flush()
     n = 4096
-    if budget.left() > 30:
+    per = {k: v[1] * (n / v[0]) ** 3 for k, v in last.items()}
+    row = {"case": f"batch {batch} x n={n}", "n": n, "count": batch, "dtype": "float32"}
+    if sum(per.values()) * batch > budget.left() - 20:
+        res.data["errors"].append({"case": row["case"], "error": f"skipped: time budget (~{sum(per.values()) * batch:.0f} s)"})
+        return
+    res.data["eigh"].append(row)
+    try:
+        mats = [matrix(n, seed=i) for i in range(batch)]
+    except Exception as e:  # noqa: BLE001
+        res.error("eigh batch setup", e)
+        return
+
+    def worst(outs):
+        r = [check(m, e, q) for m, (e, q) in zip(mats, outs)]
+        return max(x[0] for x in r), max(x[1] for x in r)
+
+    try:
+        sec, outs = wall(lambda: [torch.linalg.eigh(m) for m in mats])
+        row["seconds"] = sec
+        row["residual"], row["orthogonality"] = worst(outs)
+        del outs
+    except Exception as e:  # noqa: BLE001
+        res.error("eigh batch torch loop", e)
+    if ours is not None:
         try:
-            mats = []
-            for _ in range(loop):
-                g = torch.randn(n, n, device="cuda") / math.sqrt(n)
-                mats.append(g @ g.t())
-            torch.cuda.synchronize()
-            t0 = time.time()
-            outs = [torch.linalg.eigh(m) for m in mats]
-            torch.cuda.synchronize()
-            sec = time.time() - t0
-            resid = max(((m @ q - q * e).norm() / m.norm()).item() for m, (e, q) in zip(mats, outs))
-            row = {"case": f"loop {loop} x n={n}", "n": n, "count": loop, "seconds": sec, "residual": resid}
-            res.data["eigh"].append(row)
-            print(f"[bench] eigh {row}", flush=True)
+            sec, (ws, zs) = wall(lambda: ours.eigh_twostage_batched(mats, 0, 0, 0))
+            row["curvfast_seconds"] = sec
+            row["curvfast_residual"], row["curvfast_orthogonality"] = worst(list(zip(ws, zs)))
+            del ws, zs
         except Exception as e:  # noqa: BLE001
-            res.error("eigh loop", e)
-        res.flush()
+            res.error("eigh batch curvfast", e)
+    if row.get("seconds") and row.get("curvfast_seconds"):
+        row["speedup"] = row["seconds"] / row["curvfast_seconds"]
+    print(f"[bench] eigh {row}", flush=True)
+    del mats
+    torch.cuda.empty_cache()
+    res.flush()
 
 
 def main(argv=None) -> int:

@@ -48,6 +48,9 @@ say "pytest (cuda backend)"
 timeout 90 $PY -m pytest -x -q -p no:cacheprovider tests/test_triton_covariance.py -k "cuda" \
   $( [ -f tests/test_covariance.py ] && echo tests/test_covariance.py ) \
   2>&1 | tee "$OUT/pytest_cuda.log" | tail -n 25
+say "pytest (CUDA two-stage eigensolver vs its CPU emulation)"
+timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_eigh_cuda_emulation.py -k "cuda" \
+  2>&1 | tee -a "$OUT/pytest_cuda.log" | tail -n 15
 unset CURVFAST_TRITON_AUTOTUNE
 
 # 3. Benchmarks, with whatever time is left (sections stop starting cases at the deadline).

@@ -32,8 +32,9 @@ SingleThreadedBlas::~SingleThreadedBlas() {
 at::Tensor larft(const at::Tensor& V, const at::Tensor& tau) {
   const int64_t r = V.size(1);
   // S = V^T V is one GEMM; the triangular recurrence T[:i,i] = -tau_i T[:i,:i] S[:i,i] is O(r^3).
-  at::Tensor S = at::mm(V.t(), V).to(at::kDouble).contiguous();
-  at::Tensor tau_d = tau.to(at::kDouble).contiguous();
+  // On CUDA tensors the recurrence runs on the host (r x r): one small copy each way.
+  at::Tensor S = at::mm(V.t(), V).to(at::kCPU, at::kDouble).contiguous();
+  at::Tensor tau_d = tau.to(at::kCPU, at::kDouble).contiguous();
   at::Tensor T = at::zeros({r, r}, S.options());
   const double* s = S.data_ptr<double>();
   const double* tp = tau_d.data_ptr<double>();
@@ -48,7 +49,7 @@ at::Tensor larft(const at::Tensor& V, const at::Tensor& tau) {
     }
     for (int64_t a = 0; a < i; ++a) t[a * r + i] = tmp[a];
   }
-  return T.to(V.scalar_type());
+  return T.to(V.options());
 }
 
 at::Tensor sy2sb(const at::Tensor& A_in, int64_t b, Sy2sbReflectors& refl) {
@@ -82,7 +83,11 @@ at::Tensor sy2sb(const at::Tensor& A_in, int64_t b, Sy2sbReflectors& refl) {
 void apply_wy_blocks(const std::vector<WYBlock>& blocks, at::Tensor& Z) {
   const int64_t k = Z.size(1);
   if (k == 0 || blocks.empty()) return;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (k + 63) / 64));
+  // On CUDA one chunk: the GEMMs are already parallel, and other threads would not see the
+  // caller's current stream.
+  const int64_t chunks = !Z.device().is_cpu()
+                             ? 1
+                             : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (k + 63) / 64));
   const int64_t width = (k + chunks - 1) / chunks;
   auto run = [&](int64_t c) {
     const int64_t lo = c * width, w = std::min(k, lo + width) - lo;

@@ -9,12 +9,16 @@
 // back-transformations only issue GEMMs on at::Tensor blocks (they run unchanged on CUDA
 // tensors: at::mm dispatches to cuBLAS); the panel QR is at::geqrf (cuSOLVER on CUDA).
 // Stage 2 (bulge chasing) works on a compact band buffer and records its reflectors in a
-// Sb2stReflectors object; a CUDA kernel would fill the same object (one thread block per sweep,
-// sweeps pipelined). Stage 3 is host code (double), as LAPACK-based GPU solvers also do.
+// Sb2stReflectors object. The CUDA path (csrc/cuda/eigh_*.cu) runs eigh_twostage_blocked below:
+// the same stage 1 and stage 3, stage 2 as a kernel (one thread block per sweep, sweeps
+// pipelined; window algorithm in eigh_chase.h, shared with a CPU emulation) that records its
+// reflectors directly in blocked layout (Sb2stBlocks). Stage 3 is host code (double), as
+// LAPACK-based GPU solvers also do.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace curvfast {
@@ -73,6 +77,33 @@ void sb2st(const at::Tensor& B, int64_t b, std::vector<double>& d, std::vector<d
            Sb2stReflectors& refl);
 // Z (n,k) <- Q2 Z, in place, reflectors grouped into blocks of nb sweeps (GEMMs).
 void sb2st_apply(const Sb2stReflectors& refl, at::Tensor& Z, int64_t nb);
+
+// Stage 2 for the CUDA kernel and its CPU emulation (csrc/cpu/eigh_chase.h): compact band buffer
+// (n, 2b+1), column c = row c, entry (r, c) at [c, r-c]; and the reflectors recorded directly in
+// blocked layout: block g = gfirst[J] + s holds step s of sweeps J*nb .. J*nb+nb-1 (nb = b),
+// V (G, 2b, nb) (block rows start at row J*nb + 1 + s*b), tau (G, nb). Device-agnostic at:: ops.
+struct Sb2stBlocks {
+  int64_t n = 0, b = 0, nb = 0;
+  std::vector<int64_t> gfirst;  // nJ + 1 entries
+  at::Tensor gfirst_t;          // the same, int64, on the device of V
+  at::Tensor V, tau;
+};
+at::Tensor pack_band(const at::Tensor& B, int64_t b);
+Sb2stBlocks sb2st_blocks_alloc(int64_t n, int64_t b, const at::TensorOptions& opts);
+// d (n) and e (n-1) of the chased band buffer, on the host in double.
+void band_tridiagonal(const at::Tensor& band, std::vector<double>& d, std::vector<double>& e);
+// Z (n,k) <- Q2 Z with GEMMs on Z's device; T of each block from T^-1 = diag(1/tau) + striu(V^T V).
+void sb2st_blocks_apply(const Sb2stBlocks& q, at::Tensor& Z);
+
+// The solver with a pluggable chase of the compact band buffer (stage 2), on A's device:
+// sy2sb -> pack_band -> chase(band, blocks) -> stedc (host) -> sb2st_blocks_apply -> sy2sb_apply.
+// The CUDA driver passes the kernel, the CPU emulation (eigh_emulate.cpp) its emulation, so this
+// sequence is tested on the CPU. `lap` (may be empty) is called after each stage with its name.
+// b >= 1 is the bandwidth (resolved by the caller); eigenvalues descending, top as eigh_twostage.
+using ChaseFn = std::function<void(at::Tensor& band, Sb2stBlocks& q)>;
+std::tuple<at::Tensor, at::Tensor> eigh_twostage_blocked(const at::Tensor& A, int64_t b, int64_t top,
+                                                         const ChaseFn& chase,
+                                                         const std::function<void(const char*)>& lap = {});
 
 // Stage 3: divide and conquer. Returns eigenvalues ascending (double) and Z (n,n) in `dtype`.
 at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dtype,
