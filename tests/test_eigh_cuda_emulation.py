@@ -152,19 +152,7 @@ def test_bad_arguments():
 
 
 # ------------------------------------------------------------------ the CUDA driver's sequence
-def spd(n, kind, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    if kind == "wide":  # spectrum spanning 1e-8 .. 1
-        ev = torch.logspace(-8, 0, n, dtype=torch.float64)
-    elif kind == "repeated":
-        ev = torch.tensor([1.0, 0.5, 0.25, 0.0], dtype=torch.float64).repeat(n // 4 + 1)[:n]
-    elif kind == "rankdef":  # built like a real factor: XᵀX with T < d
-        x = torch.randn(max(1, n // 3), n, generator=g, dtype=torch.float64)
-        return (x.T @ x / x.shape[0]).to(dtype)
-    else:
-        ev = torch.rand(n, generator=g, dtype=torch.float64)
-    return ((q * ev) @ q.T).to(dtype)
+from test_eigh import spd  # noqa: E402  (the same test matrices as the CPU solver)
 
 
 @pytest.mark.parametrize("n,band", [(1, 0), (2, 0), (33, 8), (150, 8), (500, 0)])
