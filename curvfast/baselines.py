@@ -33,29 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvfast.edit import EditResult
-from curvfast.modules import weight_matrix
+from curvfast.edit import EditResult, rel_change, weight_targets
 
 __all__ = ["svd_model", "balanced_subnet", "prune_mask", "mixed_batches", "BalancedSubnetResult"]
 
 
 def _targets(model: nn.Module, modules: Iterable[str]) -> dict[str, torch.Tensor]:
     """Validate all module names before anything is touched: an edit is all or nothing."""
-    out = {}
-    for n in modules:
-        try:
-            mod = model.get_submodule(n)
-        except AttributeError:
-            raise KeyError(f"the model has no module {n!r}") from None
-        out[n] = weight_matrix(mod)
+    out = weight_targets(model, list(modules))
     if not out:
         raise ValueError("no modules to edit")
     return out
-
-
-def _rel_change(W: torch.Tensor, new: torch.Tensor) -> float:
-    norm = float(W.float().norm())
-    return float((new.float() - W.float()).norm()) / norm if norm > 0 else 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -83,7 +71,7 @@ def svd_model(model: nn.Module, modules: Iterable[str], rho: Optional[float] = N
             kept = int(torch.linalg.matrix_rank(new.float())) if new.numel() else 0
             result._originals[n] = W.detach().clone()
             result.reports[n] = {"method": "svd", "rho": rho, "rank": kept, "full_rank": min(W.shape),
-                                 "rel_change": _rel_change(W, new), "shape": list(W.shape),
+                                 "rel_change": rel_change(W, new), "shape": list(W.shape),
                                  "kept_mass": float("nan"), "kept_fraction": kept / max(1, min(W.shape))}
             W.copy_(new)
     return result
@@ -265,7 +253,7 @@ def balanced_subnet(
             m = masks[n]
             pruned = int((m == 0).sum())
             result.reports[n] = {"method": "balanced_subnet", "p": p, "pruned": pruned,
-                                 "pruned_fraction": pruned / m.numel(), "rel_change": _rel_change(w, w * m),
+                                 "pruned_fraction": pruned / m.numel(), "rel_change": rel_change(w, w * m),
                                  "shape": list(targets[n].shape), "kept_mass": float("nan"),
                                  "kept_fraction": 1.0 - pruned / m.numel()}
             result._originals[n] = targets[n].detach().clone()

@@ -127,17 +127,10 @@ def edit_model(model: nn.Module, eigen: Mapping, rho: Union[float, Mapping[str, 
     for n, r in rhos.items():
         if not (isinstance(r, (int, float)) and math.isfinite(r) and 0.0 <= r <= 1.0):
             raise ValueError(f"rho for {n} must be in [0, 1], got {r!r}")
-    # Validate every module before touching any weight: an edit is all or nothing.
-    targets = {}
-    for n in names:
-        try:
-            mod = model.get_submodule(n)
-        except AttributeError:
-            raise KeyError(f"the model has no module {n!r} (are these eigenbases from another model?)") from None
-        W = weight_matrix(mod)
+    targets = weight_targets(model, names, hint=" (are these eigenbases from another model?)")
+    for n, W in targets.items():
         e = eigen[n]
         _check_edit_args(W, e.evals_G, e.evecs_G, e.evals_A, e.evecs_A)
-        targets[n] = W
     result = EditResult(reports={}, _model=model)
     with torch.no_grad():
         for n, W in targets.items():
@@ -150,20 +143,37 @@ def edit_model(model: nn.Module, eigen: Mapping, rho: Union[float, Mapping[str, 
     return result
 
 
+def weight_targets(model: nn.Module, names: list[str], hint: str = "") -> dict[str, torch.Tensor]:
+    """Module name → weight as (d_out, d_in), all resolved before any weight is touched, so
+    that an edit is all or nothing."""
+    out = {}
+    for n in names:
+        try:
+            mod = model.get_submodule(n)
+        except AttributeError:
+            raise KeyError(f"the model has no module {n!r}{hint}") from None
+        out[n] = weight_matrix(mod)
+    return out
+
+
 def edit_report(W: torch.Tensor, new: torch.Tensor, evals_G: torch.Tensor, evals_A: torch.Tensor,
                 k: torch.Tensor, rho: float) -> dict:
     """What an edit did to one weight: kept mass and pairs, eigenvectors touched, ‖ΔW‖/‖W‖."""
     d_out, d_in = W.shape
-    sq_norm = sq_delta = 0.0
-    for r in range(0, d_out, 1024):  # in row blocks: no full-size fp32 copies of big weights
-        w = W[r:r + 1024].float()
-        sq_norm += float(w.square().sum())
-        sq_delta += float((new[r:r + 1024].float() - w).square().sum())
-    norm, delta = sq_norm ** 0.5, sq_delta ** 0.5
     kept = int(k.sum())
     return {
         "rho": rho, "kept_mass": kept_mass(evals_G, evals_A, k), "kept_pairs": kept,
         "kept_fraction": kept / (d_out * d_in) if d_out * d_in else 1.0,
         "g_vectors_touched": int((k < d_in).sum()), "a_vectors_touched": d_in - int(k.min()) if d_out else 0,
-        "rel_change": delta / norm if norm > 0 else 0.0, "shape": [d_out, d_in],
+        "rel_change": rel_change(W, new), "shape": [d_out, d_in],
     }
+
+
+def rel_change(W: torch.Tensor, new: torch.Tensor) -> float:
+    """‖new − W‖_F / ‖W‖_F (0 for a zero W), in row blocks: no full-size fp32 copies."""
+    sq_norm = sq_delta = 0.0
+    for r in range(0, W.shape[0], 1024):
+        w = W[r:r + 1024].float()
+        sq_norm += float(w.square().sum())
+        sq_delta += float((new[r:r + 1024].float() - w).square().sum())
+    return (sq_delta / sq_norm) ** 0.5 if sq_norm > 0 else 0.0
