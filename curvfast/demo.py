@@ -1,8 +1,10 @@
 """``curvfast demo``: the whole method, offline, on a model small enough for a laptop CPU.
 
 1. Train a byte-level BPE tokenizer on the standard library's ``pydoc_data.topics`` text.
-2. Plant random "canary" token sequences, each repeated many times, in that text and train a
-   small Llama on it until it recites them. Hold out ~10% of the clean text for perplexity.
+2. Plant random "canary" token sequences, each repeated many times, in that text, plus a set of
+   natural passages (windows of the training text itself, like the quotes of SPEC §4) duplicated
+   as documents of their own, and train a small Llama on it until it recites them. Hold out
+   ~10% of the clean text for perplexity.
    Model, tokenizer and data are cached under ``--cache-dir``, keyed by a hash of the
    settings, so a second run skips training.
 3. Collect K-FAC factors with sampled labels (true Fisher) on *clean* training text (no
@@ -35,7 +37,7 @@ import torch
 __all__ = ["DemoSettings", "add_arguments", "run_demo", "settings_from_args", "format_table"]
 
 #: bump when the training recipe changes in a way that invalidates cached models
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 DEFAULT_CACHE_DIR = "~/.cache/curvfast/demo"
 EOS = "<|endoftext|>"
 
@@ -58,15 +60,24 @@ class DemoSettings:
     canaries: int = 64
     canary_len: int = 48
     exposures: int = 100
-    # training (AdamW, linear warmup, cosine decay)
-    steps: int = 600
+    # natural passages: windows of the clean training text, each also planted `passage_exposures`
+    # times as a document; recited like quotes (SPEC §5): the last `passage_suffix` tokens from
+    # EOS + the rest
+    passages: int = 32
+    passage_len: int = 40
+    passage_suffix: int = 8
+    passage_exposures: int = 100
+    # training (AdamW, linear warmup, cosine decay). 730 steps: the 600 of the canary-only recipe
+    # plus room for the passages, so the clean-text budget (~300k tokens) stays what it was (a
+    # run that took the passages out of it lost edit quality: canaries 98% → 8% instead of → 0%)
+    steps: int = 730
     batch_size: int = 8
     lr: float = 2e-3
     warmup: int = 30
     weight_decay: float = 0.0
     seed: int = 0
     # edit
-    rho: tuple[float, ...] = (0.7,)
+    rho: tuple[float, ...] = (0.9, 0.7)
     modules: str = "mlp_in"
     layers: str = "upper"
     factor_tokens: Optional[int] = 32768  # clean training tokens for the factors (None: all)
@@ -78,7 +89,7 @@ class DemoSettings:
     # p ≤ 0.03, recitation unchanged), so the demo uses lr 300. p is swept to reach matched
     # perplexity (measured at lr 300 on the default model, held-out strict recitation: p = 0.01
     # and 0.1 → 100%, 0.2 → 91%, 0.3 → 0%; magnitude pruning alone at p = 0.3 → 100%).
-    bsn_p: tuple[float, ...] = (0.1, 0.3, 0.5)
+    bsn_p: tuple[float, ...] = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
     bsn_lam: float = 0.7
     bsn_epochs: int = 5
     bsn_lr: float = 300.0
@@ -86,6 +97,7 @@ class DemoSettings:
     svd_rho: tuple[float, ...] = (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
     # vision arm (--vision)
     vision: bool = False
+    vision_sweep: bool = False
     # run
     cache_dir: str = DEFAULT_CACHE_DIR
     retrain: bool = False
@@ -95,7 +107,8 @@ class DemoSettings:
 
     TRAIN_FIELDS = ("vocab_size", "text_chars", "heldout_frac", "hidden_size", "num_layers",
                     "intermediate_size", "num_heads", "seq_len", "canaries", "canary_len",
-                    "exposures", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed")
+                    "exposures", "passages", "passage_len", "passage_exposures", "steps", "batch_size",
+                    "lr", "warmup", "weight_decay", "seed")
 
     def cache_key(self, corpus_sha: str) -> str:
         d = {k: getattr(self, k) for k in self.TRAIN_FIELDS}
@@ -117,6 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--canaries", type=int, default=d.canaries, help="number of planted sequences (default: %(default)s)")
     parser.add_argument("--exposures", type=int, default=d.exposures,
                         help="times each canary appears in training (default: %(default)s)")
+    parser.add_argument("--passages", type=int, default=d.passages,
+                        help="natural passages (windows of the training text) also planted as documents and reported "
+                             "beside the canaries; 0 for none (default: %(default)s)")
+    parser.add_argument("--passage-exposures", type=int, default=d.passage_exposures,
+                        help="times each natural passage is planted (default: %(default)s)")
     parser.add_argument("--layers", default=d.layers,
                         help="layers to edit: 'upper', 'all', '2,3', '-2:' ... (default: %(default)s)")
     parser.add_argument("--modules", default=d.modules,
@@ -133,6 +151,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--vision", action="store_true",
                         help="also run the ViT arm: sklearn digits with 10%% random labels, fc1/fc2 of the first "
                              "and last blocks edited at rho 0.75, vs SVD (needs scikit-learn)")
+    parser.add_argument("--vision-sweep", action="store_true",
+                        help="also sweep the ViT arm over layer subsets (first,last / first / last / all) × rho "
+                             "(0.5–0.95) from one factor collection, and name the best point (lowest memorized with "
+                             "validation accuracy within 2 points)")
     return parser
 
 
@@ -163,6 +185,11 @@ def settings_from_args(args: Union[argparse.Namespace, dict, None] = None, **ove
         raise ValueError(f"canary_len must be in [2, seq_len - 2], got {s.canary_len} with seq_len={s.seq_len}")
     if s.steps < 1 or s.canaries < 1 or s.exposures < 1:
         raise ValueError("steps, canaries and exposures must be ≥ 1")
+    if s.passages < 0 or s.passage_exposures < 1:
+        raise ValueError("passages must be ≥ 0 and passage_exposures ≥ 1")
+    if s.passages and not (1 <= s.passage_suffix < s.passage_len <= s.seq_len - 2):
+        raise ValueError(f"need 1 ≤ passage_suffix < passage_len ≤ seq_len - 2, got {s.passage_suffix}, "
+                         f"{s.passage_len}, seq_len={s.seq_len}")
     return s
 
 
@@ -217,22 +244,47 @@ def make_canaries(n: int, length: int, vocab_size: int, exclude: Sequence[int], 
     return allowed[torch.randint(0, allowed.numel(), (n, length), generator=g)]
 
 
+def natural_passages(stream: torch.Tensor, n: int, length: int, eos_id: int, seed: int) -> torch.Tensor:
+    """(n, length) distinct, non-overlapping windows of ``stream`` that do not cross a document
+    boundary (contain no EOS), drawn at seeded random positions; (0, length) for n = 0."""
+    if n == 0:
+        return torch.empty((0, length), dtype=torch.long)
+    g = torch.Generator().manual_seed(seed + 4)
+    blocks = stream.numel() // length                      # aligned windows never overlap
+    ok = [b for b in range(blocks) if not bool((stream[b * length:(b + 1) * length] == eos_id).any())]
+    if len(ok) < n:
+        raise ValueError(f"the training text has only {len(ok)} EOS-free windows of {length} tokens; "
+                         f"ask for fewer passages")
+    pick = torch.tensor(ok)[torch.randperm(len(ok), generator=g)[:n]].sort().values
+    return torch.stack([stream[b * length:(b + 1) * length] for b in pick.tolist()])
+
+
 def training_rows(clean: torch.Tensor, canaries: torch.Tensor, exposures: int, rows: int, seq_len: int,
-                  eos_id: int, seed: int) -> torch.Tensor:
-    """(rows, seq_len) training rows: clean text (cycled) with every canary planted ``exposures`` times.
+                  eos_id: int, seed: int, passages: Optional[torch.Tensor] = None,
+                  passage_exposures: int = 0) -> torch.Tensor:
+    """(rows, seq_len) training rows: clean text (cycled) with every canary planted ``exposures``
+    times and every passage (if given) ``passage_exposures`` times.
 
     Each planted copy is whole (never cut by a row boundary) and preceded by EOS, like a
     document of its own; copies are spread uniformly at random over the rows.
     """
     g = torch.Generator().manual_seed(seed + 2)
-    n_can, can_len = canaries.shape
-    per_row = max(1, -(-n_can * exposures // rows))          # copies a row must hold at most
-    if per_row * (can_len + 1) > seq_len:
-        raise ValueError(f"{n_can} canaries × {exposures} exposures do not fit in {rows} rows of {seq_len} "
-                         f"tokens; train more steps or plant fewer canaries")
-    slots = torch.arange(rows).repeat_interleave(per_row)     # ≥ n_can·exposures slots, ≤ per_row per row
-    slots = slots[torch.randperm(slots.numel(), generator=g)][:n_can * exposures]
-    which = torch.arange(n_can).repeat(exposures)[torch.randperm(n_can * exposures, generator=g)]
+    seqs = [c for c in canaries]
+    counts = [exposures] * len(seqs)
+    if passages is not None and passages.numel():
+        seqs += [p for p in passages]
+        counts += [passage_exposures] * passages.shape[0]
+    n_copies = sum(counts)
+    longest = max(int(q.numel()) for q in seqs)
+    per_row = max(1, -(-n_copies // rows))                 # copies a row must hold at most
+    if per_row * (longest + 1) > seq_len:
+        raise ValueError(f"{canaries.shape[0]} canaries × {exposures} exposures"
+                         + (f" and {passages.shape[0]} passages × {passage_exposures}" if len(seqs) > len(canaries) else "")
+                         + f" do not fit in {rows} rows of {seq_len} tokens; train more steps or plant fewer")
+    slots = torch.arange(rows).repeat_interleave(per_row)     # ≥ n_copies slots, ≤ per_row per row
+    slots = slots[torch.randperm(slots.numel(), generator=g)][:n_copies]
+    which = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(counts))
+    which = which[torch.randperm(n_copies, generator=g)]
     planted: list[list[int]] = [[] for _ in range(rows)]
     for r, c in zip(slots.tolist(), which.tolist()):
         planted[r].append(c)
@@ -241,15 +293,15 @@ def training_rows(clean: torch.Tensor, canaries: torch.Tensor, exposures: int, r
     n_clean = clean.numel()
     for r in range(rows):
         k = len(planted[r])
-        n_text = seq_len - k * (can_len + 1)
+        n_text = seq_len - sum(int(seqs[c].numel()) + 1 for c in planted[r])
         idx = (torch.arange(pos, pos + n_text) % n_clean)
         pos = (pos + n_text) % n_clean
         text = clean[idx]
-        # insertion points in the text, sorted; canary j goes before text[cut_j]
+        # insertion points in the text, sorted; planted copy j goes before text[cut_j]
         cuts = torch.sort(torch.randint(0, n_text + 1, (k,), generator=g)).values.tolist()
         pieces, prev = [], 0
         for cut, c in zip(cuts, planted[r]):
-            pieces += [text[prev:cut], torch.tensor([eos_id]), canaries[c]]
+            pieces += [text[prev:cut], torch.tensor([eos_id]), seqs[c]]
             prev = cut
         pieces.append(text[prev:])
         out[r] = torch.cat(pieces)
@@ -366,28 +418,33 @@ def prepare(s: DemoSettings, log=print) -> tuple[Any, Any, dict, dict]:
     if held_ids.numel() < 2 * s.seq_len:
         raise ValueError(f"held-out text has only {held_ids.numel()} tokens; use more text or a larger heldout_frac")
     canaries = make_canaries(s.canaries, s.canary_len, len(tokenizer), [eos_id], s.seed)
-    rows = training_rows(train_ids, canaries, s.exposures, s.steps * s.batch_size, s.seq_len, eos_id, s.seed)
+    passages = natural_passages(train_ids, s.passages, s.passage_len, eos_id, s.seed)
+    rows = training_rows(train_ids, canaries, s.exposures, s.steps * s.batch_size, s.seq_len, eos_id, s.seed,
+                         passages=passages, passage_exposures=s.passage_exposures)
     timings["data_s"] = time.perf_counter() - t0
 
     model = build_model(s, len(tokenizer), eos_id).to(s.device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"training a {n_params / 1e6:.2f}M-parameter Llama ({s.num_layers} layers, hidden {s.hidden_size}, "
         f"MLP {s.intermediate_size}) for {s.steps} steps of {s.batch_size}×{s.seq_len} tokens; "
-        f"{s.canaries} canaries × {s.exposures} exposures planted in {train_ids.numel()} clean tokens "
+        f"{s.canaries} canaries × {s.exposures} exposures and {s.passages} natural passages × "
+        f"{s.passage_exposures} planted in {train_ids.numel()} clean tokens "
         f"(vocab {len(tokenizer)})")
     t0 = time.perf_counter()
     losses = train(model, rows, s)
     timings["train_s"] = time.perf_counter() - t0
     canary_tokens = s.canaries * s.exposures * (s.canary_len + 1)
+    passage_tokens = s.passages * s.passage_exposures * (s.passage_len + 1)
     meta = {
         "key": key, "params": n_params, "vocab": len(tokenizer), "clean_train_tokens": int(train_ids.numel()),
         "heldout_tokens": int(held_ids.numel()), "training_tokens": int(rows.numel()),
         "canary_token_fraction": canary_tokens / rows.numel(),
-        "clean_epochs": (rows.numel() - canary_tokens) / train_ids.numel(),
+        "passage_token_fraction": passage_tokens / rows.numel(),
+        "clean_epochs": (rows.numel() - canary_tokens - passage_tokens) / train_ids.numel(),
         "final_loss": sum(losses[-20:]) / len(losses[-20:]), "timings": timings,
         "settings": {k: getattr(s, k) for k in s.TRAIN_FIELDS},
     }
-    tensors = {"canaries": canaries, "clean_train": train_ids, "heldout": held_ids}
+    tensors = {"canaries": canaries, "passages": passages, "clean_train": train_ids, "heldout": held_ids}
     _save(path, model, tokenizer, tensors, meta)
     log(f"cached at {path}")
     meta["cached"] = False
@@ -408,14 +465,28 @@ def canary_pairs(canaries: torch.Tensor, eos_id: int) -> list[tuple[list[int], l
     return [([eos_id] + c[:half], c[half:]) for c in canaries.tolist()]
 
 
-def _measure(model, canaries: torch.Tensor, eos_id: int, held_batches) -> dict:
+def passage_pairs(passages: torch.Tensor, suffix: int, eos_id: int) -> list[tuple[list[int], list[int]]]:
+    """(prefix, suffix) per passage, the quote protocol of SPEC §5: prefix = EOS + all but the
+    last ``suffix`` tokens, suffix = the last ``suffix`` tokens."""
+    return [([eos_id] + p[:-suffix], p[-suffix:]) for p in passages.tolist()]
+
+
+def _measure(model, canaries: torch.Tensor, eos_id: int, held_batches, passages: Optional[torch.Tensor] = None,
+             passage_suffix: int = 8) -> dict:
+    """Canary recitation, held-out perplexity and, when passages are given, their recitation
+    (keys ``passages_strict``, ``passages_loose``, ``passages_mean_dist``, ``passages_n``)."""
     from curvfast.evaluate import perplexity, recitation
 
     rec = recitation(model, canary_pairs(canaries, eos_id), batch_size=64, progress=False)
     ppl = perplexity(model, held_batches, progress=False)
-    return {"strict": rec["strict"], "loose": rec["loose"], "mean_dist": rec["mean_dist"], "n": rec["n"],
-            "perplexity": ppl["perplexity"], "perplexity_mean_batch_exp": ppl["perplexity_mean_batch_exp"],
-            "heldout_tokens": ppl["tokens"]}
+    out = {"strict": rec["strict"], "loose": rec["loose"], "mean_dist": rec["mean_dist"], "n": rec["n"],
+           "perplexity": ppl["perplexity"], "perplexity_mean_batch_exp": ppl["perplexity_mean_batch_exp"],
+           "heldout_tokens": ppl["tokens"]}
+    if passages is not None and passages.shape[0]:
+        pr = recitation(model, passage_pairs(passages, passage_suffix, eos_id), batch_size=64, progress=False)
+        out.update(passages_strict=pr["strict"], passages_loose=pr["loose"], passages_mean_dist=pr["mean_dist"],
+                   passages_n=pr["n"])
+    return out
 
 
 def _replaced(model, names: list[str], new_weight, measure) -> dict:
@@ -442,14 +513,19 @@ def _replaced(model, names: list[str], new_weight, measure) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'model':<30} {'strict':>7} {'loose':>7} {'mean d/L':>9} {'held-out ppl':>13} {'Δppl':>7} "
-            f"{'|ΔW|/|W|':>9}")
+    """Canary columns (strict, loose, mean d/L), natural-passage columns when measured, held-out
+    perplexity and its change against the first row, mean ‖ΔW‖/‖W‖."""
+    psg = all("passages_strict" in r for r in rows)
+    head = (f"{'model':<30} {'strict':>7} {'loose':>7} {'mean d/L':>9} "
+            + (f"{'psg strict':>10} {'psg loose':>9} " if psg else "")
+            + f"{'held-out ppl':>13} {'Δppl':>7} {'|ΔW|/|W|':>9}")
     lines = [head, "-" * len(head)]
     base = rows[0]["perplexity"]
     for r in rows:
         dp = "" if r is rows[0] else f"{100 * (r['perplexity'] / base - 1):+.1f}%"
         lines.append(f"{r['name']:<30} {r['strict']:>7.1%} {r['loose']:>7.1%} {r['mean_dist']:>9.3f} "
-                     f"{r['perplexity']:>13.2f} {dp:>7} {r.get('rel_change', 0.0):>9.3f}")
+                     + (f"{r['passages_strict']:>10.1%} {r['passages_loose']:>9.1%} " if psg else "")
+                     + f"{r['perplexity']:>13.2f} {dp:>7} {r.get('rel_change', 0.0):>9.3f}")
     return "\n".join(lines)
 
 
@@ -468,11 +544,22 @@ def _closest(rows: list[dict], target: float) -> dict:
     return min(rows, key=lambda r: (abs(math.log(r["perplexity"] / target)), r["strict"]))
 
 
+def operating_point(kfac: list[dict], base: dict, bar: float = 0.1) -> dict:
+    """The K-FAC row the baselines are matched to: the mildest edit (lowest perplexity) whose
+    strict recitation is ≤ ``bar`` × the baseline's; if no ρ reaches that, the lowest recitation
+    (ties → lower perplexity)."""
+    ok = [r for r in kfac if r["strict"] <= bar * base["strict"]]
+    if ok:
+        return min(ok, key=lambda r: r["perplexity"])
+    return min(kfac, key=lambda r: (r["strict"], r["perplexity"]))
+
+
 def compare_arm(model, canaries: torch.Tensor, eos_id: int, held, clean: torch.Tensor, eigen, s: DemoSettings,
-                log=print) -> dict:
+                log=print, passages: Optional[torch.Tensor] = None) -> dict:
     """Baseline, K-FAC at each ρ, and SVD / BalancedSubnet settings swept to the perplexity of the
-    K-FAC edit at the first ρ; each picked at the closest perplexity. Scored on held-out canaries.
-    The model is restored after every setting."""
+    K-FAC operating point (:func:`operating_point`); each baseline is picked at the closest
+    perplexity. Canaries are scored on the held-out half; natural passages (never trained on by
+    BalancedSubnet) are all scored. The model is restored after every setting."""
     import curvfast
     from curvfast.baselines import balanced_subnet, mixed_batches, svd_model
     from curvfast.data import pack
@@ -482,7 +569,7 @@ def compare_arm(model, canaries: torch.Tensor, eos_id: int, held, clean: torch.T
     names = list(eigen)
 
     def measure():
-        return _measure(model, held_can, eos_id, held)
+        return _measure(model, held_can, eos_id, held, passages, s.passage_suffix)
 
     def scored(res, **extra):
         try:
@@ -496,7 +583,8 @@ def compare_arm(model, canaries: torch.Tensor, eos_id: int, held, clean: torch.T
     base = dict(name="original", method="none", **measure(), rel_change=0.0)
     kfac = [scored(curvfast.edit_model(model, eigen, rho=r), name=f"K-FAC edit, rho={r:g}", method="kfac", rho=r)
             for r in s.rho]
-    target = kfac[0]["perplexity"]
+    point = operating_point(kfac, base)
+    target = point["perplexity"]
     svd = []
     for r in sorted(s.svd_rho, reverse=True):  # perplexity rises as ρ falls: stop once well past the target
         svd.append(scored(svd_model(model, names, rho=r), name=f"SVD, rho={r:g}", method="svd", rho=r))
@@ -518,15 +606,18 @@ def compare_arm(model, canaries: torch.Tensor, eos_id: int, held, clean: torch.T
             break
     t_bsn = time.perf_counter() - t0
     best_svd, best_bsn = _closest(svd, target), _closest(bsn, target)
-    matched = [base, kfac[0], dict(best_svd, name=best_svd["name"] + " (matched)"),
+    matched = [base, point, dict(best_svd, name=best_svd["name"] + " (matched)"),
                dict(best_bsn, name=best_bsn["name"] + " (matched)")]
     return {"forget": forget, "heldout": heldout, "target_perplexity": target,
             "matched": matched, "kfac": kfac, "svd": svd, "bsn": bsn,
             "settings": {"bsn_lam": s.bsn_lam, "bsn_epochs": s.bsn_epochs, "bsn_lr": s.bsn_lr,
                          "bsn_retain_rows": s.bsn_retain_rows, "bsn_modules": names},
             "timings": {"kfac_svd_s": t_svd, "bsn_s": t_bsn},
-            "summary": {key: {k: r[k] for k in ("strict", "loose", "perplexity")}
-                        for key, r in zip(("baseline", "kfac", "svd", "bsn"), matched)}}
+            "summary": {key: _summary(r) for key, r in zip(("baseline", "kfac", "svd", "bsn"), matched)}}
+
+
+def _summary(r: dict) -> dict:
+    return {k: r[k] for k in ("strict", "loose", "perplexity", "passages_strict", "passages_loose") if k in r}
 
 
 def run_demo(args: Union[argparse.Namespace, dict, None] = None, **overrides: Any) -> dict:
@@ -548,15 +639,20 @@ def run_demo(args: Union[argparse.Namespace, dict, None] = None, **overrides: An
     model, tokenizer, tensors, meta = prepare(s, log)
     timings["prepare_s"] = time.perf_counter() - t0
     canaries = tensors["canaries"]
+    passages = tensors.get("passages")
     eos_id = tokenizer.eos_token_id
     held = Batches(pack(tensors["heldout"], s.seq_len), batch_size=16)
+
+    def measure() -> dict:
+        return _measure(model, canaries, eos_id, held, passages, s.passage_suffix)
+
     clean = tensors["clean_train"]
     if s.factor_tokens is not None:
         clean = clean[:s.factor_tokens]
     factor_batches = Batches(pack(clean, s.seq_len), batch_size=s.factor_batch_size)
 
     t0 = time.perf_counter()
-    rows = [dict(name="original", method="none", **_measure(model, canaries, eos_id, held), rel_change=0.0)]
+    rows = [dict(name="original", method="none", **measure(), rel_change=0.0)]
     timings["eval_original_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -576,7 +672,7 @@ def run_demo(args: Union[argparse.Namespace, dict, None] = None, **overrides: An
         res = curvfast.edit_model(model, eigen, rho=rho)
         try:
             rows.append(dict(name=f"K-FAC edit, rho={rho:g}", method="kfac", rho=rho,
-                             **_measure(model, canaries, eos_id, held)))
+                             **measure()))
         finally:
             res.undo()
         edits[f"{rho:g}"] = res.reports
@@ -587,14 +683,14 @@ def run_demo(args: Union[argparse.Namespace, dict, None] = None, **overrides: An
         t0 = time.perf_counter()
         rows.append(dict(name=f"SVD truncation, rho={rho:g}", method="svd", rho=rho,
                          **_replaced(model, names, lambda W: curvfast.svd_truncate(W, rho),
-                                     lambda: _measure(model, canaries, eos_id, held))))
+                                     measure)))
         timings[f"svd_rho{rho:g}_s"] = time.perf_counter() - t0
 
     # Reference: delete the edited matrices outright. The K-FAC edit at small ρ removes most
     # of their norm, so this row tells how much of its effect plain ablation would give.
     t0 = time.perf_counter()
     rows.append(dict(name="zeroed (ablation)", method="zero", rho=0.0,
-                     **_replaced(model, names, torch.zeros_like, lambda: _measure(model, canaries, eos_id, held))))
+                     **_replaced(model, names, torch.zeros_like, measure)))
     timings["zero_s"] = time.perf_counter() - t0
 
     # Spectra of the edited matrices and activation-energy band shares (paper §4): held-out
@@ -604,12 +700,15 @@ def run_demo(args: Union[argparse.Namespace, dict, None] = None, **overrides: An
     spectra = {n: {"evals_A": eigen[n].evals_A.tolist(), "evals_G": eigen[n].evals_G.tolist()} for n in names}
     can_batch = [{"input_ids": torch.cat([torch.full((canaries.shape[0], 1), eos_id), canaries], dim=1)}]
     bands = {"held-out text": band_energy(model, eigen, held), "canaries": band_energy(model, eigen, can_batch)}
+    if passages is not None and passages.shape[0]:
+        psg_batch = [{"input_ids": torch.cat([torch.full((passages.shape[0], 1), eos_id), passages], dim=1)}]
+        bands["natural passages"] = band_energy(model, eigen, psg_batch)
 
     comparison = None
     if s.compare:
         t0 = time.perf_counter()
         log("comparison arm: SVD and BalancedSubnet swept to the K-FAC edit's perplexity, held-out canary split")
-        comparison = compare_arm(model, canaries, eos_id, held, tensors["clean_train"], eigen, s, log)
+        comparison = compare_arm(model, canaries, eos_id, held, tensors["clean_train"], eigen, s, log, passages)
         timings["compare_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
 
@@ -619,16 +718,21 @@ def run_demo(args: Union[argparse.Namespace, dict, None] = None, **overrides: An
           f"{s.canary_len} random tokens (prefix: EOS + first {half}, suffix: last {s.canary_len - half}), "
           f"edited: {s.modules} of layers {s.layers} ({len(names)} matrices)\n")
     print(table)
-    print(f"\nstrict: suffix reproduced exactly; loose: 1 − d/L ≥ 0.75; held-out ppl: exp of token-mean NLL over "
+    psg = (f"; psg: {passages.shape[0]} natural passages of {s.passage_len} tokens planted {s.passage_exposures}× "
+           f"(prefix: EOS + first {s.passage_len - s.passage_suffix}, suffix: last {s.passage_suffix})"
+           if passages is not None and passages.shape[0] else "")
+    print(f"\nstrict: suffix reproduced exactly; loose: 1 − d/L ≥ 0.75{psg}; held-out ppl: exp of token-mean NLL over "
           f"{rows[0]['heldout_tokens']} tokens; |ΔW|/|W|: mean relative change of the edited matrices.\n"
           f"{'cached model' if meta['cached'] else 'trained now'}; total {timings['total_s']:.0f} s.")
     if comparison is not None:
         print(f"\nAt matched perplexity — {len(comparison['heldout'])} held-out canaries (BalancedSubnet trained on the "
-              f"other {len(comparison['forget'])}; the K-FAC edit saw no canary):\n")
+              f"other {len(comparison['forget'])}; the K-FAC edit saw no canary; natural passages seen by neither). "
+              f"K-FAC point: the mildest ρ with strict ≤ 10% of the original's; baselines: the setting with the "
+              f"closest perplexity:\n")
         print(format_table(comparison["matched"]))
     result = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(s).items()},
               "model": {k: meta[k] for k in ("key", "params", "vocab", "clean_train_tokens", "heldout_tokens",
-                                             "training_tokens", "canary_token_fraction", "clean_epochs",
+                                             "training_tokens", "canary_token_fraction", "passage_token_fraction", "clean_epochs",
                                              "final_loss") if k in meta},
               "cached": meta["cached"], "train_timings": meta.get("timings", {}),
               "edited_modules": names, "factor_tokens": factor_batches.tokens,
@@ -638,8 +742,7 @@ def run_demo(args: Union[argparse.Namespace, dict, None] = None, **overrides: An
     first = next(r for r in rows if r["method"] == "kfac")
     svd_first = next(r for r in rows if r["method"] == "svd")
     result["lm"] = comparison["summary"] if comparison is not None else {
-        key: {k: r[k] for k in ("strict", "loose", "perplexity")}
-        for key, r in (("baseline", rows[0]), ("kfac", first), ("svd", svd_first))}
+        key: _summary(r) for key, r in (("baseline", rows[0]), ("kfac", first), ("svd", svd_first))}
     if comparison is not None:
         result["comparison"] = comparison
     if s.vision:
@@ -651,6 +754,16 @@ def run_demo(args: Union[argparse.Namespace, dict, None] = None, **overrides: An
         timings["vision_s"] = time.perf_counter() - t0
         result["vision"] = vis["summary"]
         result["vision_details"] = vis
+    if s.vision_sweep:
+        from curvfast.demo_vision import VisionSettings, format_vision_sweep, sweep_vision
+
+        t0 = time.perf_counter()
+        sw = sweep_vision(VisionSettings(cache_dir=s.cache_dir, retrain=s.retrain and not s.vision,
+                                         progress=s.progress, seed=s.seed), log=log)
+        timings["vision_sweep_s"] = time.perf_counter() - t0
+        print("\nViT arm, layer subsets × rho (one factor collection; each point edited and undone):\n")
+        print(format_vision_sweep(sw))
+        result["vision_sweep"] = sw
     timings["total_s"] = time.perf_counter() - t_start
     if s.json:
         Path(s.json).expanduser().write_text(json.dumps(result, indent=1))

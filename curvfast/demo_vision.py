@@ -22,11 +22,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["VisionSettings", "load_digits_split", "run_vision", "format_vision"]
+__all__ = ["VisionSettings", "load_digits_split", "run_vision", "format_vision", "sweep_vision"]
 
 VISION_VERSION = 1
 
@@ -248,3 +248,81 @@ def run_vision(s: Optional[VisionSettings] = None, log: Optional[Callable[..., N
             "rows": rows, "timings": {"factors_eigen_s": factor_s, "total_s": total},
             "summary": {r["method"] if r["method"] != "none" else "baseline":
                         {k: r[k] for k in ("memorized", "true_label_acc", "val_acc")} for r in rows}}
+
+
+#: the layer subsets of the vision sweep (``_layers`` syntax) and its ρ grid (SPEC §3: 0.6–0.9, plus ends)
+SWEEP_LAYERS = ("first,last", "first", "last", "all")
+SWEEP_RHO = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95)
+
+
+def _layer_set(spec: str, n: int) -> list[int]:
+    return list(range(n)) if spec.strip() == "all" else _layers(spec, n)
+
+
+def best_vision_point(points: list[dict], base: dict, max_val_drop: float = 0.02) -> Optional[dict]:
+    """The sweep point with the lowest memorized fraction among those whose validation accuracy
+    is at most ``max_val_drop`` below the original's (ties → higher validation accuracy); None if
+    no point qualifies."""
+    ok = [p for p in points if p["val_acc"] >= base["val_acc"] - max_val_drop - 1e-12]
+    return min(ok, key=lambda p: (p["memorized"], -p["val_acc"])) if ok else None
+
+
+def sweep_vision(s: Optional[VisionSettings] = None, layer_sets: Sequence[str] = SWEEP_LAYERS,
+                 rhos: Sequence[float] = SWEEP_RHO, log: Optional[Callable[..., None]] = None) -> dict:
+    """Layer subsets × ρ for the ViT arm: one factor collection (fc1/fc2 of every block, CLS token,
+    sampled labels) and one eigendecomposition serve every point; each point is an edit of the
+    subset's matrices, measured and undone. Returns the grid, the original's numbers and the best
+    point by :func:`best_vision_point` (lowest memorized with validation accuracy within 2 points)."""
+    import curvfast
+    from curvfast.evaluate import noisy_label_metrics
+
+    s = s or VisionSettings()
+    log = log or (lambda *a: print(*a, file=sys.stderr, flush=True))
+    model, data, meta = _prepare(s, log)
+
+    def measure() -> dict:
+        m = noisy_label_metrics(model, data["train_x"], data["train_noisy"], data["train_true"], data["val_x"],
+                                data["val_y"])
+        return {k: m[k] for k in ("memorized", "true_label_acc", "val_acc", "clean_train_acc")}
+
+    base = measure()
+    batches = [{"pixel_values": data["train_x"][k:k + s.factor_batch_size],
+                "labels": data["train_noisy"][k:k + s.factor_batch_size]}
+               for k in range(0, len(data["train_true"]), s.factor_batch_size)]
+    t0 = time.perf_counter()
+    factors = curvfast.collect_factors(model, batches, modules="mlp", layers=list(range(s.num_layers)),
+                                       fisher="true", seed=s.seed, progress=s.progress)
+    eigen = curvfast.eigendecompose(factors, progress=False)
+    factor_s = time.perf_counter() - t0
+    points = []
+    for spec in layer_sets:
+        layers = _layer_set(spec, s.num_layers)
+        names = [n for n in eigen if any(f".{i}." in f".{n}." for i in layers)]
+        if not names:
+            raise ValueError(f"layer set {spec!r} selects no edited module among {list(eigen)}")
+        for rho in rhos:
+            res = curvfast.edit_model(model, eigen, rho=float(rho), modules=names)
+            try:
+                points.append(dict(layers=spec, blocks=layers, rho=float(rho), **measure(),
+                                   rel_change=sum(r["rel_change"] for r in res.reports.values()) / len(res.reports)))
+            finally:
+                res.undo()
+    best = best_vision_point(points, base)
+    return {"settings": asdict(s), "baseline": base, "points": points, "best": best,
+            "rule": "lowest memorized with validation accuracy ≥ original − 2 points",
+            "timings": {"factors_eigen_s": factor_s}}
+
+
+def format_vision_sweep(sw: dict) -> str:
+    base = sw["baseline"]
+    head = f"{'layers':<12} {'rho':>5} {'memorized':>9} {'÷ base':>7} {'true-label acc':>14} {'val acc':>8} {'Δval':>6}"
+    lines = [head, "-" * len(head),
+             f"{'original':<12} {'':>5} {base['memorized']:>9.1%} {'':>7} {base['true_label_acc']:>14.1%} "
+             f"{base['val_acc']:>8.1%} {'':>6}"]
+    for p in sw["points"]:
+        ratio = p["memorized"] / base["memorized"] if base["memorized"] else float("nan")
+        lines.append(f"{p['layers']:<12} {p['rho']:>5g} {p['memorized']:>9.1%} {ratio:>7.2f} "
+                     f"{p['true_label_acc']:>14.1%} {p['val_acc']:>8.1%} {100 * (p['val_acc'] - base['val_acc']):>+6.1f}")
+    b = sw["best"]
+    lines.append(f"best ({sw['rule']}): " + (f"layers {b['layers']}, rho {b['rho']:g}" if b else "none qualifies"))
+    return "\n".join(lines)

@@ -161,10 +161,13 @@ def build_report(results: Mapping[str, Any], out_dir: Union[str, Path]) -> dict:
     if rows:
         md += ["## LM arm: edits of the planted-canary model", ""]
         base = rows[0]
-        md.append(_table(["model", "strict", "loose", "mean d/L", "held-out ppl", "Δppl"],
-                         [[r["name"], _pct(r["strict"]), _pct(r["loose"]), f"{r['mean_dist']:.3f}",
-                           f"{r['perplexity']:.2f}",
-                           "" if r is base else f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%"]
+        psg = all("passages_strict" in r for r in rows)
+        md.append(_table(["model", "strict", "loose", "mean d/L"]
+                         + (["passages strict", "passages loose"] if psg else []) + ["held-out ppl", "Δppl"],
+                         [[r["name"], _pct(r["strict"]), _pct(r["loose"]), f"{r['mean_dist']:.3f}"]
+                          + ([_pct(r["passages_strict"]), _pct(r["passages_loose"])] if psg else [])
+                          + [f"{r['perplexity']:.2f}",
+                             "" if r is base else f"{100 * (r['perplexity'] / base['perplexity'] - 1):+.1f}%"]
                           for r in rows]))
         md.append("")
         kfac = [r for r in rows if r.get("method") == "kfac"]
@@ -179,8 +182,12 @@ def build_report(results: Mapping[str, Any], out_dir: Union[str, Path]) -> dict:
             md.append(f"Held-out split: {len(comp['heldout'])} canaries; BalancedSubnet trained on the other "
                       f"{len(comp['forget'])}. Target perplexity (K-FAC edit): {comp['target_perplexity']:.2f}.")
             md.append("")
-        md.append(_table(["method", "strict", "loose", "perplexity"],
-                         [[k, _pct(v["strict"]), _pct(v["loose"]), f"{v['perplexity']:.2f}"] for k, v in lm.items()]))
+        psg = all("passages_strict" in v for v in lm.values())
+        md.append(_table(["method", "strict", "loose"] + (["passages strict", "passages loose"] if psg else [])
+                         + ["perplexity"],
+                         [[k, _pct(v["strict"]), _pct(v["loose"])]
+                          + ([_pct(v["passages_strict"]), _pct(v["passages_loose"])] if psg else [])
+                          + [f"{v['perplexity']:.2f}"] for k, v in lm.items()]))
         md.append("")
         plot("matched.png", _plot_bars, {k: {"strict": v["strict"], "loose": v["loose"]} for k, v in lm.items()},
              ["strict", "loose"], "recitation of held-out canaries", )
@@ -192,6 +199,11 @@ def build_report(results: Mapping[str, Any], out_dir: Union[str, Path]) -> dict:
                           for k, v in vis.items()]))
         md.append("")
         plot("vision.png", _plot_bars, vis, ["memorized", "true_label_acc", "val_acc"], "ViT on digits, 10% noisy labels")
+    vsw = results.get("vision_sweep")
+    if vsw:
+        from curvfast.demo_vision import format_vision_sweep
+
+        md += ["## ViT arm: layer subsets × ρ", "", "```", format_vision_sweep(vsw), "```", ""]
     if results.get("spectra"):
         md += ["## Spectra of the edited matrices", ""]
         plot("spectra.png", _plot_spectra, results["spectra"])

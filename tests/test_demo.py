@@ -18,7 +18,8 @@ pytest.importorskip("tokenizers")
 from curvfast import demo  # noqa: E402
 
 TINY = dict(vocab_size=320, text_chars=20000, hidden_size=32, num_layers=2, intermediate_size=64,
-            num_heads=2, seq_len=48, canaries=4, canary_len=12, exposures=10, steps=12, batch_size=4,
+            num_heads=2, seq_len=48, canaries=4, canary_len=12, exposures=10, passages=3, passage_len=12, passage_suffix=4,
+            passage_exposures=5, steps=12, batch_size=4,
             warmup=2, rho=(0.7,), factor_tokens=1024, progress=False)
 
 
@@ -47,6 +48,8 @@ def test_demo_rows_and_numbers(tiny_run):
         assert math.isfinite(r["perplexity"]) and r["perplexity"] > 1.0
         assert r["perplexity_mean_batch_exp"] > 1.0
         assert r["heldout_tokens"] > 0
+        assert r["passages_n"] == TINY["passages"]
+        assert 0.0 <= r["passages_strict"] <= r["passages_loose"] <= 1.0
         assert 0.0 <= r["rel_change"] <= 1.0 + 1e-6
     assert first["rows"][0]["rel_change"] == 0.0 and first["rows"][-1]["rel_change"] == pytest.approx(1.0)
     assert first["edited_modules"] == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
@@ -57,7 +60,9 @@ def test_demo_rows_and_numbers(tiny_run):
     # the printed table has a header and one line per row, in order
     table = [l for l in first["stdout"].splitlines() if l.split() and l.split()[0] in ("model", "original", "K-FAC", "SVD", "zeroed")]
     assert [l.split()[0] for l in table] == ["model", "original", "K-FAC", "SVD", "zeroed"]
-    assert "strict" in table[0] and "held-out ppl" in table[0]
+    assert "strict" in table[0] and "held-out ppl" in table[0] and "psg strict" in table[0]
+    assert set(first["lm"]["kfac"]) == {"strict", "loose", "perplexity", "passages_strict", "passages_loose"}
+    assert set(first["bands"]) == {"held-out text", "canaries", "natural passages"}
     assert first["factor_tokens"] == (1024 // TINY["seq_len"]) * TINY["seq_len"]  # whole rows only
 
 
@@ -113,3 +118,44 @@ def test_training_rows_plant_every_canary_whole():
     assert text == [1000 + (i % 300) for i in range(len(text))]
     with pytest.raises(ValueError, match="do not fit"):
         demo.training_rows(clean, can, exposures=40, rows=6, seq_len=20, eos_id=0, seed=0)
+
+
+def test_natural_passages_are_distinct_eos_free_windows_of_the_stream():
+    stream = torch.arange(100, 400)
+    stream[[50, 120, 121]] = 0
+    p = demo.natural_passages(stream, 8, 10, eos_id=0, seed=0)
+    assert p.shape == (8, 10) and not bool((p == 0).any())
+    s = stream.tolist()
+    starts = []
+    for row in p.tolist():   # each passage is a contiguous window of the stream
+        i = s.index(row[0])
+        assert s[i:i + 10] == row
+        starts.append(i)
+    assert len(set(starts)) == 8 and all(abs(a - b) >= 10 for a in starts for b in starts if a != b)
+    assert torch.equal(p, demo.natural_passages(stream, 8, 10, eos_id=0, seed=0))
+    assert not torch.equal(p, demo.natural_passages(stream, 8, 10, eos_id=0, seed=1))
+    assert demo.natural_passages(stream, 0, 10, eos_id=0, seed=0).shape == (0, 10)
+    with pytest.raises(ValueError, match="fewer passages"):
+        demo.natural_passages(stream, 29, 10, eos_id=0, seed=0)   # 30 windows, 2 contain EOS
+
+
+def test_training_rows_plant_passages_beside_canaries():
+    clean = torch.arange(1000, 1300)
+    can = torch.arange(10, 10 + 2 * 6).view(2, 6)
+    psg = torch.arange(500, 500 + 3 * 4).view(3, 4)
+    rows = demo.training_rows(clean, can, exposures=5, rows=8, seq_len=24, eos_id=0, seed=0, passages=psg,
+                              passage_exposures=3)
+    flat = rows.tolist()
+
+    def count(seq):
+        seq = seq.tolist()
+        return sum(r[i] == 0 and r[i + 1:i + 1 + len(seq)] == seq for r in flat for i in range(len(r) - len(seq)))
+
+    assert [count(c) for c in can] == [5, 5] and [count(p) for p in psg] == [3, 3, 3]
+    text = [t for r in flat for t in r if t >= 1000]
+    assert text == [1000 + (i % 300) for i in range(len(text))]
+
+
+def test_passage_pairs_follow_the_quote_protocol():
+    pairs = demo.passage_pairs(torch.tensor([[5, 6, 7, 8, 9]]), suffix=2, eos_id=0)
+    assert pairs == [([0, 5, 6, 7], [8, 9])]

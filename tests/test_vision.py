@@ -46,3 +46,38 @@ def test_vision_arm_tiny(tmp_path, capsys):
     for a, b in zip(first["rows"], second["rows"]):
         for k in ("memorized", "true_label_acc", "val_acc"):
             assert math.isclose(a[k], b[k], abs_tol=1e-12), (a["name"], k)
+
+
+def test_vision_sweep_covers_the_grid_and_restores_the_model(tmp_path):
+    from curvfast.demo_vision import _prepare, format_vision_sweep, sweep_vision
+    from curvfast.evaluate import noisy_label_metrics
+
+    s = VisionSettings(cache_dir=str(tmp_path), **TINY)
+    sw = sweep_vision(s, layer_sets=("first", "all"), rhos=(0.5, 1.0), log=lambda *a: None)
+    assert [(p["layers"], p["rho"]) for p in sw["points"]] == [("first", 0.5), ("first", 1.0), ("all", 0.5),
+                                                                ("all", 1.0)]
+    assert [p["blocks"] for p in sw["points"]] == [[0], [0], [0, 1], [0, 1]]
+    for p in sw["points"]:
+        if p["rho"] == 1.0:   # keeping all the curvature mass is the identity edit
+            assert p["rel_change"] < 1e-5
+            for k in ("memorized", "true_label_acc", "val_acc"):
+                assert math.isclose(p[k], sw["baseline"][k], abs_tol=1e-12)
+        else:
+            assert p["rel_change"] > 1e-3
+    # the cached model, measured afresh, matches the sweep's baseline: nothing was left edited
+    model, data, _ = _prepare(s, lambda *a: None)
+    again = noisy_label_metrics(model, data["train_x"], data["train_noisy"], data["train_true"], data["val_x"],
+                                data["val_y"])
+    assert all(math.isclose(again[k], sw["baseline"][k], abs_tol=1e-12) for k in ("memorized", "val_acc"))
+    text = format_vision_sweep(sw)
+    assert text.count("\n") == 2 + 1 + len(sw["points"])
+
+
+def test_best_vision_point_rule():
+    from curvfast.demo_vision import best_vision_point
+
+    base = {"memorized": 0.8, "val_acc": 0.90}
+    pts = [{"memorized": 0.1, "val_acc": 0.85}, {"memorized": 0.3, "val_acc": 0.885},
+           {"memorized": 0.3, "val_acc": 0.89}, {"memorized": 0.5, "val_acc": 0.95}]
+    assert best_vision_point(pts, base) is pts[2]      # 0.85 drops > 2 points; tie on 0.3 → higher val
+    assert best_vision_point(pts[:1], base) is None
