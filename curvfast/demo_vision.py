@@ -294,19 +294,24 @@ def sweep_vision(s: Optional[VisionSettings] = None, layer_sets: Sequence[str] =
                                        fisher="true", seed=s.seed, progress=s.progress)
     eigen = curvfast.eigendecompose(factors, progress=False)
     factor_s = time.perf_counter() - t0
+    from tqdm.auto import tqdm
+
     points = []
+    bar = tqdm(total=len(layer_sets) * len(rhos), desc="ViT sweep", disable=not s.progress, dynamic_ncols=True)
     for spec in layer_sets:
         layers = _layer_set(spec, s.num_layers)
         names = [n for n in eigen if any(f".{i}." in f".{n}." for i in layers)]
         if not names:
             raise ValueError(f"layer set {spec!r} selects no edited module among {list(eigen)}")
         for rho in rhos:
+            bar.update(1)
             res = curvfast.edit_model(model, eigen, rho=float(rho), modules=names)
             try:
                 points.append(dict(layers=spec, blocks=layers, rho=float(rho), **measure(),
                                    rel_change=sum(r["rel_change"] for r in res.reports.values()) / len(res.reports)))
             finally:
                 res.undo()
+    bar.close()
     best = best_vision_point(points, base)
     return {"settings": asdict(s), "baseline": base, "points": points, "best": best,
             "rule": "lowest memorized with validation accuracy ≥ original − 2 points",
