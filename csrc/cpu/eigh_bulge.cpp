@@ -5,16 +5,24 @@
 // right-application to the block below creates a bulge, whose first column the next reflector
 // (rows j+1+s*b ..) annihilates, and so on down the band. All work is on a b x b window of a
 // compact column-major band buffer (2b+1 rows), so it stays in L1/L2; only the lower triangle
-// is stored.
+// is stored. Two workers chase consecutive sweeps in a pipeline (the rule of eigh_chase.h), and
+// the step kernel is compiled for AVX2/FMA as well (picked at run time).
+#include "eigh_chase.h"
 #include "eigh_twostage.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <ctime>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
+#include <memory>
+#include <thread>
 
 namespace curvfast {
 namespace eigh2 {
@@ -48,6 +56,131 @@ scalar_t make_reflector(scalar_t* x, int64_t L, scalar_t* v, scalar_t& tau) {
   return scalar_t(beta);
 }
 
+#define CURVFAST_INLINE __attribute__((always_inline)) inline
+
+// Dot product with independent partial sums (vectorizes without reassociation flags).
+template <typename T>
+CURVFAST_INLINE T dotv(const T* __restrict a, const T* __restrict x, int64_t L) {
+  constexpr int U = 64 / sizeof(T);
+  T acc[U] = {};
+  int64_t i = 0;
+  for (; i + U <= L; i += U)
+    for (int u = 0; u < U; ++u) acc[u] += a[i + u] * x[i + u];
+  T s = 0;
+  for (; i < L; ++i) s += a[i] * x[i];
+  for (int h = U / 2; h >= 1; h /= 2)
+    for (int u = 0; u < h; ++u) acc[u] += acc[u + h];
+  return acc[0] + s;
+}
+
+// Step (j, s) of the chase: reflector on rows r0 = j+1+s*b .. r0+L-1 annihilating column c0
+// below r0, left-applied to the rest of the block rows, two-sided to the diagonal block and
+// right-applied to the block below (which creates the next bulge). Footprint: rows
+// [r0, r0+2b-1] x columns [r0-b, r0+b-1], as in the window algorithm (eigh_chase.h).
+template <typename scalar_t>
+CURVFAST_INLINE void chase_step(Band<scalar_t>& A, int64_t n, int64_t b, int64_t j, int64_t s,
+                                Sb2stReflectors& refl, scalar_t* __restrict v, scalar_t* __restrict p,
+                                scalar_t* __restrict w) {
+  const int64_t r0 = j + 1 + s * b;
+  const int64_t L = std::min(b, n - r0);
+  const int64_t c0 = s == 0 ? j : r0 - b;  // column whose entries below r0 are annihilated
+  scalar_t tau = 0;
+  {
+    scalar_t* xc = A.col(r0, c0);
+    const scalar_t beta = make_reflector<scalar_t>(xc, L, v, tau);
+    xc[0] = beta;
+    for (int64_t i = 1; i < L; ++i) xc[i] = 0;
+  }
+  const int64_t idx = refl.first[j] + s;
+  refl.tau[idx] = tau;
+  for (int64_t i = 0; i < L; ++i) refl.v[idx * b + i] = v[i];
+  // H = I: nothing to apply, but later steps still clean the bulge the previous sweep left.
+  if (tau == scalar_t(0)) return;
+  // (a) Left-apply H to the rest of the block rows r0.. x columns c0+1 .. c0+b-1 (s >= 1).
+  if (s > 0) {
+    for (int64_t c = c0 + 1; c < c0 + b; ++c) {
+      scalar_t* __restrict col = A.col(r0, c);
+      const scalar_t dot = tau * dotv(v, col, L);
+      for (int64_t i = 0; i < L; ++i) col[i] -= dot * v[i];
+    }
+  }
+  // (b) Two-sided update of the diagonal block (lower triangle): p = tau A v,
+  //     w = p - tau/2 (p.v) v, A -= v w^T + w v^T.
+  for (int64_t i = 0; i < L; ++i) p[i] = 0;
+  for (int64_t c = 0; c < L; ++c) {
+    const scalar_t* __restrict col = A.col(r0 + c, r0 + c);
+    const scalar_t vc = v[c];
+    p[c] += dotv(col, v + c, L - c);
+    for (int64_t i = 1; i < L - c; ++i) p[c + i] += col[i] * vc;
+  }
+  for (int64_t i = 0; i < L; ++i) p[i] *= tau;
+  const scalar_t half = scalar_t(0.5) * tau * dotv(p, v, L);
+  for (int64_t i = 0; i < L; ++i) p[i] -= half * v[i];
+  for (int64_t c = 0; c < L; ++c) {
+    scalar_t* __restrict col = A.col(r0 + c, r0 + c);
+    const scalar_t vc = v[c], pc = p[c];
+    for (int64_t i = 0; i < L - c; ++i) col[i] -= v[c + i] * pc + p[c + i] * vc;
+  }
+  // (c) Right-apply H to the block below: rows r0+b .. r0+2b-1, columns r0 .. r0+L-1.
+  const int64_t rb = r0 + b;
+  if (rb < n) {
+    const int64_t Lb = std::min(b, n - rb);
+    for (int64_t i = 0; i < Lb; ++i) w[i] = 0;
+    for (int64_t c = 0; c < L; ++c) {
+      const scalar_t* __restrict col = A.col(rb, r0 + c);
+      const scalar_t vc = v[c];
+      for (int64_t i = 0; i < Lb; ++i) w[i] += col[i] * vc;
+    }
+    for (int64_t i = 0; i < Lb; ++i) w[i] *= tau;
+    for (int64_t c = 0; c < L; ++c) {
+      scalar_t* __restrict col = A.col(rb, r0 + c);
+      const scalar_t vc = v[c];
+      for (int64_t i = 0; i < Lb; ++i) col[i] -= w[i] * vc;
+    }
+  }
+}
+
+// Sweeps in flight: sweeps are handed out in increasing order by `ticket`; sweep j runs step s
+// once sweep j-1 has completed chase::wait_for(n, b, j, s) steps (progress[j-1]). Two steps
+// that the rule lets run at the same time have disjoint footprints, and every entry sees the
+// same operations in the same order as the sequential chase, so the result does not depend on
+// the number of workers. The owner of the oldest unfinished sweep never waits: no deadlock.
+template <typename scalar_t>
+struct ChaseShared {
+  Band<scalar_t>* A;
+  int64_t n, b;
+  Sb2stReflectors* refl;
+  std::atomic<int64_t> ticket{0};
+  std::unique_ptr<std::atomic<int64_t>[]> progress;
+};
+
+template <typename scalar_t>
+CURVFAST_INLINE void chase_worker_body(ChaseShared<scalar_t>& sh) {
+  const int64_t n = sh.n, b = sh.b, sweeps = n - 1;
+  std::vector<scalar_t> v(b), p(b), w(2 * b);
+  for (int64_t j; (j = sh.ticket.fetch_add(1)) < sweeps;) {
+    const int64_t steps = sh.refl->steps[j];
+    for (int64_t s = 0; s < steps; ++s) {
+      if (j > 0) {
+        const int64_t need = chase::wait_for(n, b, j, s);
+        for (int spin = 0; sh.progress[j - 1].load(std::memory_order_acquire) < need; ++spin)
+          if (spin > 64) std::this_thread::yield();
+      }
+      chase_step<scalar_t>(*sh.A, n, b, j, s, *sh.refl, v.data(), p.data(), w.data());
+      sh.progress[j].store(s + 1, std::memory_order_release);
+    }
+  }
+}
+
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) void chase_worker_avx2(ChaseShared<scalar_t>& sh) {
+  chase_worker_body<scalar_t>(sh);
+}
+template <typename scalar_t>
+void chase_worker_generic(ChaseShared<scalar_t>& sh) {
+  chase_worker_body<scalar_t>(sh);
+}
+
 template <typename scalar_t>
 void sb2st_impl(const at::Tensor& B_in, int64_t b, std::vector<double>& d, std::vector<double>& e,
                 Sb2stReflectors& refl) {
@@ -71,76 +204,29 @@ void sb2st_impl(const at::Tensor& B_in, int64_t b, std::vector<double>& d, std::
   refl.tau.assign(total, 0.0);
   refl.v.assign(total * b, 0.0);
 
-  std::vector<scalar_t> v(b), p(b), w(2 * b), x(b);
-  for (int64_t j = 0; j + 1 < n; ++j) {
-    for (int64_t s = 0; s < refl.steps[j]; ++s) {
-      const int64_t r0 = j + 1 + s * b;
-      const int64_t L = std::min(b, n - r0);
-      const int64_t c0 = s == 0 ? j : r0 - b;  // column whose entries below r0 are annihilated
-      scalar_t tau = 0;
-      {
-        scalar_t* xc = A.col(r0, c0);
-        const scalar_t beta = make_reflector<scalar_t>(xc, L, v.data(), tau);
-        xc[0] = beta;
-        for (int64_t i = 1; i < L; ++i) xc[i] = 0;
-      }
-      const int64_t idx = refl.first[j] + s;
-      refl.tau[idx] = tau;
-      for (int64_t i = 0; i < L; ++i) refl.v[idx * b + i] = v[i];
-      // H = I: nothing to apply, but later steps still clean the bulge the previous sweep left.
-      if (tau == scalar_t(0)) continue;
-      // (a) Left-apply H to the rest of the block rows r0.. x columns c0+1 .. c0+b-1 (s >= 1).
-      if (s > 0) {
-        for (int64_t c = c0 + 1; c < c0 + b; ++c) {
-          scalar_t* col = A.col(r0, c);
-          scalar_t dot = 0;
-          for (int64_t i = 0; i < L; ++i) dot += v[i] * col[i];
-          dot *= tau;
-          for (int64_t i = 0; i < L; ++i) col[i] -= dot * v[i];
+  if (n > 1) {
+    ChaseShared<scalar_t> sh;
+    sh.A = &A, sh.n = n, sh.b = b, sh.refl = &refl;
+    sh.progress.reset(new std::atomic<int64_t>[n - 1]);
+    for (int64_t j = 0; j + 1 < n; ++j) sh.progress[j].store(0, std::memory_order_relaxed);
+    static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    auto work = [&] { avx2 ? chase_worker_avx2<scalar_t>(sh) : chase_worker_generic<scalar_t>(sh); };
+    // A second worker pays off once sweeps are long enough to pipeline (a few steps each).
+    const int workers = (n >= 16 * b && at::get_num_threads() >= 2 && !at::in_parallel_region()) ? 2 : 1;
+    if (workers == 1) {
+      work();
+    } else {
+      std::exception_ptr err;
+      std::thread other([&] {
+        try {
+          work();
+        } catch (...) {
+          err = std::current_exception();
         }
-      }
-      // (b) Two-sided update of the diagonal block (lower triangle): p = tau A v,
-      //     w = p - tau/2 (p.v) v, A -= v w^T + w v^T.
-      for (int64_t i = 0; i < L; ++i) p[i] = 0;
-      for (int64_t c = 0; c < L; ++c) {
-        const scalar_t* col = A.col(r0 + c, r0 + c);
-        scalar_t acc = col[0] * v[c];
-        const scalar_t vc = v[c];
-        for (int64_t i = 1; i < L - c; ++i) {
-          p[c + i] += col[i] * vc;
-          acc += col[i] * v[c + i];
-        }
-        p[c] += acc;
-      }
-      scalar_t pv = 0;
-      for (int64_t i = 0; i < L; ++i) {
-        p[i] *= tau;
-        pv += p[i] * v[i];
-      }
-      const scalar_t half = scalar_t(0.5) * tau * pv;
-      for (int64_t i = 0; i < L; ++i) p[i] -= half * v[i];
-      for (int64_t c = 0; c < L; ++c) {
-        scalar_t* col = A.col(r0 + c, r0 + c);
-        const scalar_t vc = v[c], pc = p[c];
-        for (int64_t i = 0; i < L - c; ++i) col[i] -= v[c + i] * pc + p[c + i] * vc;
-      }
-      // (c) Right-apply H to the block below: rows r0+b .. r0+2b-1, columns r0 .. r0+L-1.
-      const int64_t rb = r0 + b;
-      if (rb < n) {
-        const int64_t Lb = std::min(b, n - rb);
-        for (int64_t i = 0; i < Lb; ++i) w[i] = 0;
-        for (int64_t c = 0; c < L; ++c) {
-          const scalar_t* col = A.col(rb, r0 + c);
-          const scalar_t vc = v[c];
-          for (int64_t i = 0; i < Lb; ++i) w[i] += col[i] * vc;
-        }
-        for (int64_t i = 0; i < Lb; ++i) w[i] *= tau;
-        for (int64_t c = 0; c < L; ++c) {
-          scalar_t* col = A.col(rb, r0 + c);
-          const scalar_t vc = v[c];
-          for (int64_t i = 0; i < Lb; ++i) col[i] -= w[i] * vc;
-        }
-      }
+      });
+      work();
+      other.join();
+      if (err) std::rethrow_exception(err);
     }
   }
   d.resize(n);
@@ -160,6 +246,11 @@ void sb2st(const at::Tensor& B, int64_t b, std::vector<double>& d, std::vector<d
     sb2st_impl<float>(B.to(at::kFloat), b, d, e, refl);
 }
 
+// Blocks of nb = b/2 sweeps: (3b/2 - 1) x b/2 parallelograms, a third zeros instead of half
+// (nb = b) while the GEMM inner dimension stays 32 at b = 64; measured at n = 2048..4096 (b = 64):
+// nb = 16..32 ~25% faster than nb = 64, nb = 8 slower again.
+int64_t sb2st_default_nb(int64_t b) { return std::max<int64_t>(1, b / 2); }
+
 // Q2 = H(0,0) H(0,1) .. H(1,0) .. in generation order. Reflectors (j,s) of nb <= b consecutive
 // sweeps at the same step s touch rows j0+1+s*b .. j0+nb-1+(s+1)*b and form one compact WY block
 // G(J,s). (j,s) overlaps (j',s) and (j',s-1) for j < j' only, so within a sweep block the product
@@ -167,6 +258,7 @@ void sb2st(const at::Tensor& B, int64_t b, std::vector<double>& d, std::vector<d
 void sb2st_apply(const Sb2stReflectors& refl, at::Tensor& Z, int64_t nb) {
   const int64_t n = refl.n, b = refl.b, sweeps = n - 1;
   if (sweeps <= 0) return;
+  if (nb <= 0) nb = sb2st_default_nb(b);
   nb = std::max<int64_t>(1, std::min(nb, b));
   // Blocks in product order: sweep blocks first to last, inside one G(J,smax) .. G(J,0).
   struct Desc {
@@ -188,29 +280,55 @@ void sb2st_apply(const Sb2stReflectors& refl, at::Tensor& Z, int64_t nb) {
   }
   std::vector<WYBlock> blocks(desc.size());
   const auto dt = Z.scalar_type();
-  at::parallel_for(0, (int64_t)desc.size(), 8, [&](int64_t g0, int64_t g1) {
+  // Per block, in double with plain loops (no ATen ops inside the parallel region): V, the
+  // triangular T of I - V T V^T (larft recurrence on S = V^T V), and W = V T.
+  at::parallel_for(0, (int64_t)desc.size(), 16, [&](int64_t g0, int64_t g1) {
+    std::vector<double> V, S, T, W;
     for (int64_t g = g0; g < g1; ++g) {
       const Desc& q = desc[g];
-      at::Tensor V = at::zeros({q.rows, q.cnt}, at::TensorOptions().dtype(at::kDouble));
-      at::Tensor tau = at::empty({q.cnt}, at::TensorOptions().dtype(at::kDouble));
-      double* vp = V.data_ptr<double>();
-      double* tp = tau.data_ptr<double>();
-      for (int64_t t = 0; t < q.cnt; ++t) {
+      const int64_t rows = q.rows, r = q.cnt;
+      V.assign(rows * r, 0.0);
+      S.assign(r * r, 0.0);
+      T.assign(r * r, 0.0);
+      W.assign(rows * r, 0.0);
+      std::vector<int64_t> len(r);
+      for (int64_t t = 0; t < r; ++t) {
         const int64_t idx = refl.first[q.j0 + t] + q.s;
-        const int64_t L = std::min(b, n - (q.rs + t));
-        tp[t] = refl.tau[idx];
-        for (int64_t i = 0; i < L; ++i) vp[(t + i) * q.cnt + t] = refl.v[idx * b + i];
+        const double tau = refl.tau[idx];
+        len[t] = std::min(b, n - (q.rs + t));
+        for (int64_t i = 0; i < len[t]; ++i) V[(t + i) * r + t] = refl.v[idx * b + i];
+        // column t of V^T V (rows t .. t+len-1 of V carry column t)
+        for (int64_t a = 0; a < t; ++a) {
+          double acc = 0;
+          for (int64_t i = t; i < std::min(a + len[a], t + len[t]); ++i) acc += V[i * r + a] * V[i * r + t];
+          S[a * r + t] = acc;
+        }
+        T[t * r + t] = tau;
+        for (int64_t a = 0; a < t; ++a) {
+          double acc = 0;
+          for (int64_t c = a; c < t; ++c) acc += T[a * r + c] * S[c * r + t];
+          T[a * r + t] = -tau * acc;
+        }
       }
-      at::Tensor Vz = V.to(dt);
-      blocks[g] = {q.rs, Vz, larft(Vz, tau.to(dt))};
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t a = std::max<int64_t>(0, i - b + 1); a <= std::min(i, r - 1); ++a) {
+          const double via = V[i * r + a];
+          if (via == 0) continue;
+          for (int64_t c = a; c < r; ++c) W[i * r + c] += via * T[a * r + c];
+        }
+      at::Tensor Vt = at::from_blob(V.data(), {rows, r}, at::TensorOptions().dtype(at::kDouble)).to(dt, false, true);
+      at::Tensor Wt = at::from_blob(W.data(), {rows, r}, at::TensorOptions().dtype(at::kDouble)).to(dt, false, true);
+      blocks[g] = {q.rs, Vt, at::Tensor(), Wt};
     }
   });
   auto t1 = std::chrono::steady_clock::now();
+  const std::clock_t c1 = std::clock();
   apply_wy_blocks(blocks, Z);
+  const double cpu = double(std::clock() - c1) / CLOCKS_PER_SEC;
   if (std::getenv("CURVFAST_EIGH_PROFILE"))
-    std::fprintf(stderr, "  sb2st_apply: %zu blocks, build %.3f s, apply %.3f s\n", blocks.size(),
+    std::fprintf(stderr, "  sb2st_apply: %zu blocks, build %.3f s, apply %.3f s (cpu %.3f s)\n", blocks.size(),
                  std::chrono::duration<double>(t1 - t0).count(),
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count());
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count(), cpu);
 }
 
 }  // namespace eigh2

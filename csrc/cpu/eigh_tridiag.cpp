@@ -18,12 +18,18 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <exception>
+#include <thread>
+#include <cstdio>
+#include <cstdlib>
 
 namespace curvfast {
 namespace eigh2 {
 namespace {
 
 constexpr int64_t kLeaf = 48;
+// From this size on the two top-level halves are solved on two threads.
+constexpr int64_t kSplitAbove = 1024;
 constexpr double kEps = std::numeric_limits<double>::epsilon();
 
 at::Tensor leaf(const double* d, const double* e, int64_t n, at::ScalarType dt, std::vector<double>& w) {
@@ -38,16 +44,43 @@ at::Tensor leaf(const double* d, const double* e, int64_t n, at::ScalarType dt, 
 
 // Root i of 1/rho + sum_j z2_j/(dd_j - lambda) = 0 (dd ascending, z2 > 0), returned as
 // lambda = dd[org] + tau.
-void secular_root(int64_t i, int64_t k, const double* dd, const double* z2, double rho, double zsum,
-                  int64_t& org, double& tau) {
+// sum_j z2_j / (dd_j - s) and sum_j z2_j / (dd_j - s)^2 over j in [lo, hi), with independent
+// partial sums (vectorizable) and one division per term. s is given as dd[o] + t.
+__attribute__((always_inline)) inline void secular_sums(const double* __restrict dd, const double* __restrict z2,
+                                                        double ddo, double t, int64_t lo, int64_t hi, double& f,
+                                                        double& df) {
+  constexpr int U = 8;
+  double a[U] = {}, da[U] = {};
+  int64_t j = lo;
+  for (; j + U <= hi; j += U)
+    for (int u = 0; u < U; ++u) {
+      const double r = 1.0 / ((dd[j + u] - ddo) - t), q = z2[j + u] * r;
+      a[u] += q;
+      da[u] += q * r;
+    }
+  double s = 0, ds = 0;
+  for (; j < hi; ++j) {
+    const double r = 1.0 / ((dd[j] - ddo) - t), q = z2[j] * r;
+    s += q;
+    ds += q * r;
+  }
+  for (int u = 0; u < U; ++u) s += a[u], ds += da[u];
+  f = s;
+  df = ds;
+}
+
+__attribute__((always_inline)) inline void secular_root_body(int64_t i, int64_t k, const double* dd,
+                                                             const double* z2, double rho, double zsum,
+                                                             int64_t& org, double& tau) {
   const double invr = 1.0 / rho;
   const bool last = i == k - 1;
   int64_t o;
   double lo, hi;
   if (!last) {
     const double gap = dd[i + 1] - dd[i], mid = 0.5 * gap;
-    double f = invr;
-    for (int64_t j = 0; j < k; ++j) f += z2[j] / ((dd[j] - dd[i]) - mid);
+    double f0, d0;
+    secular_sums(dd, z2, dd[i], mid, 0, k, f0, d0);
+    const double f = invr + f0;
     if (f >= 0) {
       o = i, lo = 0, hi = mid;
     } else {
@@ -59,15 +92,9 @@ void secular_root(int64_t i, int64_t k, const double* dd, const double* z2, doub
   const double di = dd[i] - dd[o], di1 = last ? 0.0 : dd[i + 1] - dd[o];
   double t = 0.5 * (lo + hi);
   for (int it = 0; it < 200; ++it) {
-    double psi = 0, dpsi = 0, phi = 0, dphi = 0;
-    for (int64_t j = 0; j <= i; ++j) {
-      const double del = (dd[j] - dd[o]) - t, q = z2[j] / del;
-      psi += q, dpsi += q / del;
-    }
-    for (int64_t j = i + 1; j < k; ++j) {
-      const double del = (dd[j] - dd[o]) - t, q = z2[j] / del;
-      phi += q, dphi += q / del;
-    }
+    double psi, dpsi, phi, dphi;
+    secular_sums(dd, z2, dd[o], t, 0, i + 1, psi, dpsi);
+    secular_sums(dd, z2, dd[o], t, i + 1, k, phi, dphi);
     const double f = invr + psi + phi;
     if (f == 0) break;
     if (f > 0) hi = t; else lo = t;
@@ -100,6 +127,23 @@ void secular_root(int64_t i, int64_t k, const double* dd, const double* z2, doub
   }
   org = o;
   tau = t;
+}
+
+__attribute__((target("avx2,fma"))) void secular_root_avx2(int64_t i, int64_t k, const double* dd, const double* z2,
+                                                           double rho, double zsum, int64_t& org, double& tau) {
+  secular_root_body(i, k, dd, z2, rho, zsum, org, tau);
+}
+void secular_root_generic(int64_t i, int64_t k, const double* dd, const double* z2, double rho, double zsum,
+                          int64_t& org, double& tau) {
+  secular_root_body(i, k, dd, z2, rho, zsum, org, tau);
+}
+void secular_root(int64_t i, int64_t k, const double* dd, const double* z2, double rho, double zsum,
+                  int64_t& org, double& tau) {
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2)
+    secular_root_avx2(i, k, dd, z2, rho, zsum, org, tau);
+  else
+    secular_root_generic(i, k, dd, z2, rho, zsum, org, tau);
 }
 
 // Merge step. D (n) eigenvalues of the two halves, z (n) the tear vector in their eigenbasis,
@@ -190,32 +234,45 @@ at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at:
       if (type[nd[j]] == want) rows.push_back(j);
   int64_t n1 = 0, n2 = 0;
   for (int64_t j = 0; j < k; ++j) n1 += type[nd[j]] == 1, n2 += type[nd[j]] == 2;
-  at::Tensor U = at::empty({k, k}, at::TensorOptions().dtype(at::kDouble));
-  double* u = U.data_ptr<double>();
-  at::parallel_for(0, k, 128, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      double nrm = 0;
-      for (int64_t r = 0; r < k; ++r) {
-        const double v = zh[rows[r]] / delta(rows[r], i);
-        u[r * k + i] = v;
-        nrm += v * v;
+  // U (k x k, row r = secular pole rows[r], column i = root i) is built column by column into
+  // contiguous storage (U^T row-major, so each thread writes whole rows) directly in the output
+  // dtype; the GEMMs read it through a transposed view.
+  at::Tensor UT = at::empty({k, k}, Q.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "eigh_merge_u", [&] {
+    scalar_t* u = UT.data_ptr<scalar_t>();
+    at::parallel_for(0, k, 64, [&](int64_t b, int64_t e) {
+      std::vector<double> col(k);
+      for (int64_t i = b; i < e; ++i) {
+        double nrm = 0;
+        for (int64_t r = 0; r < k; ++r) {
+          const double v = zh[rows[r]] / delta(rows[r], i);
+          col[r] = v;
+          nrm += v * v;
+        }
+        nrm = 1.0 / std::sqrt(nrm);
+        scalar_t* ui = u + i * k;
+        for (int64_t r = 0; r < k; ++r) ui[r] = scalar_t(col[r] * nrm);
       }
-      nrm = 1.0 / std::sqrt(nrm);
-      for (int64_t r = 0; r < k; ++r) u[r * k + i] *= nrm;
-    }
+    });
   });
-  at::Tensor Ut = U.to(dt);
+  at::Tensor Ut = UT.t();
   std::vector<int64_t> cols(k);
   for (int64_t r = 0; r < k; ++r) cols[r] = nd[rows[r]];
   at::Tensor colsT = at::tensor(cols, at::kLong);
-  at::Tensor QN = at::zeros({n, k}, Q.options());
+  at::Tensor QN = at::empty({n, k}, Q.options());
   if (n1 + n2 > 0) {
     at::Tensor top = Q.narrow(0, 0, m).index_select(1, colsT.narrow(0, 0, n1 + n2));
-    QN.narrow(0, 0, m).copy_(at::mm(top, Ut.narrow(0, 0, n1 + n2)));
+    at::Tensor out = QN.narrow(0, 0, m);
+    at::mm_out(out, top, Ut.narrow(0, 0, n1 + n2));
+  } else {
+    QN.narrow(0, 0, m).zero_();
   }
   if (k - n1 > 0) {
     at::Tensor bot = Q.narrow(0, m, n - m).index_select(1, colsT.narrow(0, n1, k - n1));
-    QN.narrow(0, m, n - m).copy_(at::mm(bot, Ut.narrow(0, n1, k - n1)));
+    at::Tensor out = QN.narrow(0, m, n - m);
+    at::mm_out(out, bot, Ut.narrow(0, n1, k - n1));
+  } else {
+    QN.narrow(0, m, n - m).zero_();
   }
   // Collect eigenpairs: new ones and deflated ones, sorted ascending.
   std::vector<double> lam(n);
@@ -230,7 +287,8 @@ at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at:
   return all.index_select(1, at::tensor(perm, at::kLong)).contiguous();
 }
 
-at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, std::vector<double>& w) {
+at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, std::vector<double>& w,
+              bool split) {
   if (n <= kLeaf) return leaf(d, e, n, dt, w);
   const int64_t m = n / 2;
   const double beta = e[m - 1], rho = std::fabs(beta);
@@ -238,8 +296,35 @@ at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, do
   d1[m - 1] -= rho;
   d2[0] -= rho;
   std::vector<double> w1, w2;
-  at::Tensor Q1 = dc(d1.data(), e, m, dt, eps_s, w1);
-  at::Tensor Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2);
+  at::Tensor Q1, Q2;
+  if (split) {
+    // The two halves on two threads, each with single-threaded BLAS: below the top merge the
+    // GEMMs are small and the recursion is serial, so one core each beats sharing both (no
+    // barriers); the top merge then uses all threads.
+    std::exception_ptr err;
+    std::thread left([&] {
+      try {
+        SingleThreadedBlas guard(1);
+        Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false);
+      } catch (...) {
+        err = std::current_exception();
+      }
+    });
+    {
+      SingleThreadedBlas guard(1);
+      try {
+        Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2, false);
+      } catch (...) {
+        left.join();
+        throw;
+      }
+    }
+    left.join();
+    if (err) std::rethrow_exception(err);
+  } else {
+    Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false);
+    Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2, false);
+  }
   at::Tensor Q = at::zeros({n, n}, Q1.options());
   Q.narrow(0, 0, m).narrow(1, 0, m).copy_(Q1);
   Q.narrow(0, m, n - m).narrow(1, m, n - m).copy_(Q2);
@@ -278,7 +363,8 @@ at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dt
   for (double& v : d) v /= scale;
   for (double& v : e) v /= scale;
   const double eps_s = dtype == at::kDouble ? kEps : (double)std::numeric_limits<float>::epsilon();
-  at::Tensor Z = dc(d.data(), e.data(), n, dtype, eps_s, w);
+  const bool split = n >= kSplitAbove && at::get_num_threads() >= 2 && !at::in_parallel_region();
+  at::Tensor Z = dc(d.data(), e.data(), n, dtype, eps_s, w, split);
   for (double& v : w) v *= scale;
   return Z;
 }

@@ -55,10 +55,12 @@ struct SingleThreadedBlas {
   int omp_threads_ = 0, mkl_threads_ = 0;
 };
 
-// One block reflector I - V T V^T acting on rows off .. off + V.size(0) - 1.
+// One block reflector I - V T V^T acting on rows off .. off + V.size(0) - 1. W = V T, when
+// defined, replaces T (two GEMMs per application instead of three; T may then be undefined).
 struct WYBlock {
   int64_t off;
   at::Tensor V, T;
+  at::Tensor W = {};
 };
 // Z <- B_0 B_1 ... B_last Z, i.e. applies blocks.back() first. Z's columns are split into one
 // chunk per thread and each thread runs every block on its chunk with single-threaded GEMMs:
@@ -75,8 +77,10 @@ void sy2sb_apply(const Sy2sbReflectors& refl, at::Tensor& Z);
 // Stage 2: band matrix (dense (n,n), lower part read) -> tridiagonal d (n), e (n-1) in double.
 void sb2st(const at::Tensor& B, int64_t b, std::vector<double>& d, std::vector<double>& e,
            Sb2stReflectors& refl);
-// Z (n,k) <- Q2 Z, in place, reflectors grouped into blocks of nb sweeps (GEMMs).
+// Z (n,k) <- Q2 Z, in place, reflectors grouped into blocks of nb sweeps (GEMMs). A block is a
+// (b+nb-1) x nb parallelogram, half zeros when nb = b: nb <= 0 picks sb2st_default_nb(b).
 void sb2st_apply(const Sb2stReflectors& refl, at::Tensor& Z, int64_t nb);
+int64_t sb2st_default_nb(int64_t b);
 
 // Stage 2 for the CUDA kernel and its CPU emulation (csrc/cpu/eigh_chase.h): compact band buffer
 // (n, 2b+1), column c = row c, entry (r, c) at [c, r-c]; and the reflectors recorded directly in
