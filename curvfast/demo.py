@@ -87,8 +87,9 @@ class DemoSettings:
     # BalancedSubnet: λ and epochs as published (SPEC §6). Its scores start at |W|; at this
     # scale the published lr 0.3 left the mask where it started (measured: ‖ΔW‖/‖W‖ = 0.000 at
     # p ≤ 0.03, recitation unchanged), so the demo uses lr 300. p is swept to reach matched
-    # perplexity (measured at lr 300 on the default model, held-out strict recitation: p = 0.01
-    # and 0.1 → 100%, 0.2 → 91%, 0.3 → 0%; magnitude pruning alone at p = 0.3 → 100%).
+    # perplexity (measured at lr 300 on the default model, held-out strict recitation: p = 0.1
+    # to 0.2 → 100%, 0.25 → 47%, 0.3 → 9%, 0.4 → 0%; on the canary-only model of demo version 1,
+    # magnitude pruning alone at p = 0.3 → 100%).
     bsn_p: tuple[float, ...] = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
     bsn_lam: float = 0.7
     bsn_epochs: int = 5
