@@ -204,6 +204,20 @@ def test_top_k_equals_full(backend, kind, k):
     assert v.shape == (160, 160)
 
 
+@needs_cpp
+def test_top_k_large_threaded_path():
+    # n above the serial cutoff: stage 3 splits over threads and returns only the top k columns
+    # (largest first) while another thread builds the stage-2 blocks.
+    M = spd(1100, "rankdef", seed=7)
+    full = OPS.eigh_twostage(M, 0, 0)
+    part = OPS.eigh_twostage(M, 0, 12)
+    assert_top_equal(M, full, part, 12)
+    for w, v in (full, part):
+        assert (w[1:] <= w[:-1]).all()
+        res, orth = errors(M, w, v)
+        assert res <= 1e-5 and orth <= 1e-5, (res, orth)
+
+
 def test_spectrum_top_and_bad_top():
     M = spd(40, "rankdef")
     s = eigen_mod.spectrum(M, top=5)

@@ -17,8 +17,64 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 extern "C" void omp_set_num_threads(int) __attribute__((weak));
 extern "C" int omp_get_max_threads() __attribute__((weak));
 
+// The BLAS that ATen calls (MKL in the CPU wheels; LP64 Fortran interface), called directly for
+// the many small GEMMs of the back-transformations: no dispatcher overhead per call.
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                       const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                       const int*, const double*, const int*, const double*, double*, const int*)
+    __attribute__((weak));
+
 namespace curvfast {
 namespace eigh2 {
+namespace {
+
+// Storage of a 2-D CPU view for a column-major BLAS call: 'N' for row-major rows (the BLAS sees
+// the transpose), 'T' for column-major; false when neither (or the leading dimension is invalid).
+bool blas_layout(const at::Tensor& X, char& trans, int64_t& ld) {
+  const int64_t r = X.size(0), c = X.size(1);
+  if (X.stride(1) == 1 && X.stride(0) >= std::max<int64_t>(1, c)) {
+    trans = 'N', ld = X.stride(0);
+    return true;
+  }
+  if (X.stride(0) == 1 && X.stride(1) >= std::max<int64_t>(1, r)) {
+    trans = 'T', ld = X.stride(1);
+    return true;
+  }
+  return false;
+}
+
+// C = alpha A B + beta C (row-major C), straight to the BLAS when possible, else ATen.
+void gemm(const at::Tensor& A, const at::Tensor& B, at::Tensor& C, double alpha, double beta) {
+  const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
+  char ta, tb, tc;
+  int64_t lda, ldb, ldc;
+  const bool direct = C.device().is_cpu() && M > 0 && N > 0 && K > 0 && blas_layout(A, ta, lda) &&
+                      blas_layout(B, tb, ldb) && blas_layout(C, tc, ldc) && tc == 'N' &&
+                      std::max({lda, ldb, ldc, M, N, K}) < (int64_t(1) << 31) &&
+                      A.scalar_type() == C.scalar_type() && B.scalar_type() == C.scalar_type() &&
+                      ((C.scalar_type() == at::kFloat && sgemm_) || (C.scalar_type() == at::kDouble && dgemm_));
+  if (!direct) {
+    if (beta == 0 && alpha == 1)
+      at::mm_out(C, A, B);
+    else if (beta == 0)
+      at::mm_out(C, A, B).mul_(alpha);
+    else
+      C.addmm_(A, B, beta, alpha);
+    return;
+  }
+  const int m = (int)N, n = (int)M, k = (int)K, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
+  if (C.scalar_type() == at::kFloat) {
+    const float al = (float)alpha, be = (float)beta;
+    sgemm_(&tb, &ta, &m, &n, &k, &al, B.data_ptr<float>(), &lb, A.data_ptr<float>(), &la, &be, C.data_ptr<float>(),
+           &lc);
+  } else {
+    dgemm_(&tb, &ta, &m, &n, &k, &alpha, B.data_ptr<double>(), &lb, A.data_ptr<double>(), &la, &beta,
+           C.data_ptr<double>(), &lc);
+  }
+}
+
+}  // namespace
 
 SingleThreadedBlas::SingleThreadedBlas(int threads) {
   if (MKL_Set_Num_Threads_Local) mkl_threads_ = MKL_Set_Num_Threads_Local(threads);  // returns the previous
@@ -114,20 +170,31 @@ void apply_wy_blocks(const std::vector<WYBlock>& blocks, at::Tensor& Z) {
   const int64_t width = (k + chunks - 1) / chunks;
   int64_t rmax = 0;
   for (const auto& blk : blocks) rmax = std::max<int64_t>(rmax, blk.V.size(1));
+  // Each chunk is processed in strips of columns whose rows (all of Z's) fit a share of the
+  // last-level cache: every block passes over the rows below its offset, so strips that stay in
+  // cache across blocks save most of the memory traffic (blocks are re-read per strip instead).
+  // 8 MiB per thread (L3 32 MiB here): at n = 4096, b = 64, Q2 1.27 s vs 1.35 s unstripped, Q1 0.74
+  // vs 0.81 s.
+  constexpr int64_t kStripBytes = int64_t(8) << 20;
+  const int64_t rowbytes = std::max<int64_t>(1, Z.size(0) * (int64_t)Z.element_size());
+  const int64_t strip = !Z.device().is_cpu() ? width : std::max<int64_t>(64, (kStripBytes / rowbytes) / 16 * 16);
   auto run = [&](int64_t c) {
     const int64_t lo = c * width, w = std::min(k, lo + width) - lo;
     if (w <= 0) return;
     // Y = V^T Z into one reused buffer; Z -= W Y (or V (T Y)) in place: no temporaries of Z's size.
-    at::Tensor Ybuf = at::empty({rmax, w}, Z.options());
-    at::Tensor Zc = Z.narrow(1, lo, w);
-    for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
-      at::Tensor Zr = Zc.narrow(0, it->off, it->V.size(0));
-      at::Tensor Y = Ybuf.narrow(0, 0, it->V.size(1));
-      at::mm_out(Y, it->V.t(), Zr);
-      if (it->W.defined())
-        Zr.addmm_(it->W, Y, 1.0, -1.0);
-      else
-        Zr.addmm_(it->V, at::mm(it->T, Y), 1.0, -1.0);
+    at::Tensor Ybuf = at::empty({rmax, std::min(w, strip)}, Z.options());
+    for (int64_t s0 = 0; s0 < w; s0 += strip) {
+      const int64_t sw = std::min(strip, w - s0);
+      at::Tensor Zc = Z.narrow(1, lo + s0, sw);
+      for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+        at::Tensor Zr = Zc.narrow(0, it->off, it->V.size(0));
+        at::Tensor Y = Ybuf.narrow(0, 0, it->V.size(1)).narrow(1, 0, sw);
+        gemm(it->V.t(), Zr, Y, 1.0, 0.0);
+        if (it->W.defined())
+          gemm(it->W, Y, Zr, -1.0, 1.0);
+        else
+          gemm(it->V, at::mm(it->T, Y), Zr, -1.0, 1.0);
+      }
     }
   };
   if (chunks == 1) return run(0);

@@ -246,26 +246,83 @@ void sb2st(const at::Tensor& B, int64_t b, std::vector<double>& d, std::vector<d
     sb2st_impl<float>(B.to(at::kFloat), b, d, e, refl);
 }
 
-// Blocks of nb = b/2 sweeps: (3b/2 - 1) x b/2 parallelograms, a third zeros instead of half
-// (nb = b) while the GEMM inner dimension stays 32 at b = 64; measured at n = 2048..4096 (b = 64):
-// nb = 16..32 ~25% faster than nb = 64, nb = 8 slower again.
-int64_t sb2st_default_nb(int64_t b) { return std::max<int64_t>(1, b / 2); }
+// Blocks of nb = min(b/2, 32) sweeps: (b + nb - 1) x nb parallelograms, zero fraction
+// (nb-1)/(b+nb-1) (a third at b = 64, a fifth at b = 128) while the GEMM inner dimension stays 32.
+// Measured at n = 2048..4096: b = 64: nb = 16..32 ~25% faster than nb = 64, nb = 8 slower again;
+// b = 128: nb = 24..32 ~10% faster than nb = 64 (n = 4096, Q2 1.10 s vs 1.30 s).
+int64_t sb2st_default_nb(int64_t b) { return std::max<int64_t>(1, std::min<int64_t>(b / 2, 32)); }
+
+namespace {
+
+// Block G(J,s) of sb2st_apply: step s of sweeps j0 .. j0+cnt-1, rows rs .. rs+rows-1.
+struct Q2Desc {
+  int64_t j0, cnt, s, rs, rows;
+};
+
+// Builds one block in double: Vc (cnt x rows, row t = reflector t, nonzero on [t, t+len_t)), the
+// triangular T of I - V T V^T (larft recurrence on S = V^T V) and W = V T (rows x cnt), all with
+// contiguous inner loops (vectorized; compiled for AVX2/FMA as well).
+CURVFAST_INLINE void q2_build_body(const Sb2stReflectors& refl, const Q2Desc& q, std::vector<double>& Vc,
+                                   std::vector<double>& T, std::vector<double>& W, std::vector<double>& S,
+                                   std::vector<int64_t>& len) {
+  const int64_t n = refl.n, b = refl.b, rows = q.rows, r = q.cnt;
+  Vc.assign(r * rows, 0.0);
+  T.assign(r * r, 0.0);
+  W.assign(rows * r, 0.0);
+  S.assign(r, 0.0);
+  len.assign(r, 0);
+  for (int64_t t = 0; t < r; ++t) {
+    const int64_t idx = refl.first[q.j0 + t] + q.s;
+    const double tau = refl.tau[idx];
+    len[t] = std::min(b, n - (q.rs + t));
+    double* __restrict vt = Vc.data() + t * rows;
+    const double* __restrict src = refl.v.data() + idx * b;
+    for (int64_t i = 0; i < len[t]; ++i) vt[t + i] = src[i];
+    // S[a] = (V^T V)[a, t] over the rows both columns cover: [t, min(a+len_a, t+len_t)).
+    for (int64_t a = 0; a < t; ++a) {
+      const int64_t hi = std::min(a + len[a], t + len[t]);
+      S[a] = hi > t ? dotv<double>(Vc.data() + a * rows + t, vt + t, hi - t) : 0.0;
+    }
+    T[t * r + t] = tau;
+    for (int64_t a = 0; a < t; ++a) T[a * r + t] = -tau * dotv<double>(T.data() + a * r + a, S.data() + a, t - a);
+  }
+  // W[i, c] = sum_a V[i, a] T[a, c] (c >= a).
+  for (int64_t a = 0; a < r; ++a) {
+    const double* __restrict ta = T.data() + a * r;
+    const double* __restrict va = Vc.data() + a * rows;
+    for (int64_t i = a; i < a + len[a]; ++i) {
+      const double via = va[i];
+      double* __restrict wi = W.data() + i * r;
+      for (int64_t c = a; c < r; ++c) wi[c] += via * ta[c];
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void q2_build_avx2(const Sb2stReflectors& refl, const Q2Desc& q,
+                                                       std::vector<double>& Vc, std::vector<double>& T,
+                                                       std::vector<double>& W, std::vector<double>& S,
+                                                       std::vector<int64_t>& len) {
+  q2_build_body(refl, q, Vc, T, W, S, len);
+}
+void q2_build_generic(const Sb2stReflectors& refl, const Q2Desc& q, std::vector<double>& Vc, std::vector<double>& T,
+                      std::vector<double>& W, std::vector<double>& S, std::vector<int64_t>& len) {
+  q2_build_body(refl, q, Vc, T, W, S, len);
+}
+
+}  // namespace
 
 // Q2 = H(0,0) H(0,1) .. H(1,0) .. in generation order. Reflectors (j,s) of nb <= b consecutive
 // sweeps at the same step s touch rows j0+1+s*b .. j0+nb-1+(s+1)*b and form one compact WY block
 // G(J,s). (j,s) overlaps (j',s) and (j',s-1) for j < j' only, so within a sweep block the product
 // is G(J,smax) .. G(J,1) G(J,0): Q2 Z applies blocks last to first and, inside, s = 0 first.
-void sb2st_apply(const Sb2stReflectors& refl, at::Tensor& Z, int64_t nb) {
+std::vector<WYBlock> sb2st_build_blocks(const Sb2stReflectors& refl, int64_t nb, const at::TensorOptions& opts,
+                                        bool parallel) {
   const int64_t n = refl.n, b = refl.b, sweeps = n - 1;
-  if (sweeps <= 0) return;
+  if (sweeps <= 0) return {};
   if (nb <= 0) nb = sb2st_default_nb(b);
   nb = std::max<int64_t>(1, std::min(nb, b));
   // Blocks in product order: sweep blocks first to last, inside one G(J,smax) .. G(J,0).
-  struct Desc {
-    int64_t j0, cnt, s, rs, rows;
-  };
-  auto t0 = std::chrono::steady_clock::now();
-  std::vector<Desc> desc;
+  std::vector<Q2Desc> desc;
   for (int64_t j0 = 0; j0 < sweeps; j0 += nb) {
     const int64_t jn = std::min(j0 + nb, sweeps);
     for (int64_t s = refl.steps[j0] - 1; s >= 0; --s) {
@@ -279,55 +336,58 @@ void sb2st_apply(const Sb2stReflectors& refl, at::Tensor& Z, int64_t nb) {
     }
   }
   std::vector<WYBlock> blocks(desc.size());
-  const auto dt = Z.scalar_type();
-  // Per block, in double with plain loops (no ATen ops inside the parallel region): V, the
-  // triangular T of I - V T V^T (larft recurrence on S = V^T V), and W = V T.
-  at::parallel_for(0, (int64_t)desc.size(), 16, [&](int64_t g0, int64_t g1) {
-    std::vector<double> V, S, T, W;
+  const auto dt = opts.dtype().toScalarType();
+  // Each block's V is stored transposed (cnt x rows, contiguous) and used through a view; W = V T
+  // (rows x cnt). Plain loops in the parallel region, output written straight in Z's dtype.
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  std::vector<at::Tensor> Vts(desc.size()), Ws(desc.size());
+  for (size_t g = 0; g < desc.size(); ++g) {
+    Vts[g] = at::empty({desc[g].cnt, desc[g].rows}, opts);
+    Ws[g] = at::empty({desc[g].rows, desc[g].cnt}, opts);
+  }
+  auto build = [&](int64_t g0, int64_t g1) {
+    std::vector<double> Vc, T, W, S;
+    std::vector<int64_t> len;
     for (int64_t g = g0; g < g1; ++g) {
-      const Desc& q = desc[g];
-      const int64_t rows = q.rows, r = q.cnt;
-      V.assign(rows * r, 0.0);
-      S.assign(r * r, 0.0);
-      T.assign(r * r, 0.0);
-      W.assign(rows * r, 0.0);
-      std::vector<int64_t> len(r);
-      for (int64_t t = 0; t < r; ++t) {
-        const int64_t idx = refl.first[q.j0 + t] + q.s;
-        const double tau = refl.tau[idx];
-        len[t] = std::min(b, n - (q.rs + t));
-        for (int64_t i = 0; i < len[t]; ++i) V[(t + i) * r + t] = refl.v[idx * b + i];
-        // column t of V^T V (rows t .. t+len-1 of V carry column t)
-        for (int64_t a = 0; a < t; ++a) {
-          double acc = 0;
-          for (int64_t i = t; i < std::min(a + len[a], t + len[t]); ++i) acc += V[i * r + a] * V[i * r + t];
-          S[a * r + t] = acc;
-        }
-        T[t * r + t] = tau;
-        for (int64_t a = 0; a < t; ++a) {
-          double acc = 0;
-          for (int64_t c = a; c < t; ++c) acc += T[a * r + c] * S[c * r + t];
-          T[a * r + t] = -tau * acc;
-        }
+      const Q2Desc& q = desc[g];
+      if (avx2)
+        q2_build_avx2(refl, q, Vc, T, W, S, len);
+      else
+        q2_build_generic(refl, q, Vc, T, W, S, len);
+      const int64_t m = q.rows * q.cnt;
+      if (dt == at::kDouble) {
+        std::copy(Vc.begin(), Vc.begin() + m, Vts[g].data_ptr<double>());
+        std::copy(W.begin(), W.begin() + m, Ws[g].data_ptr<double>());
+      } else {
+        float* vo = Vts[g].data_ptr<float>();
+        float* wo = Ws[g].data_ptr<float>();
+        for (int64_t i = 0; i < m; ++i) vo[i] = float(Vc[i]), wo[i] = float(W[i]);
       }
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t a = std::max<int64_t>(0, i - b + 1); a <= std::min(i, r - 1); ++a) {
-          const double via = V[i * r + a];
-          if (via == 0) continue;
-          for (int64_t c = a; c < r; ++c) W[i * r + c] += via * T[a * r + c];
-        }
-      at::Tensor Vt = at::from_blob(V.data(), {rows, r}, at::TensorOptions().dtype(at::kDouble)).to(dt, false, true);
-      at::Tensor Wt = at::from_blob(W.data(), {rows, r}, at::TensorOptions().dtype(at::kDouble)).to(dt, false, true);
-      blocks[g] = {q.rs, Vt, at::Tensor(), Wt};
+      blocks[g] = {q.rs, Vts[g].t(), at::Tensor(), Ws[g]};
     }
-  });
-  auto t1 = std::chrono::steady_clock::now();
+  };
+  if (parallel)
+    at::parallel_for(0, (int64_t)desc.size(), 16, build);
+  else
+    build(0, (int64_t)desc.size());
+  return blocks;
+}
+
+void sb2st_apply(const Sb2stReflectors& refl, at::Tensor& Z, int64_t nb) {
+  if (refl.n <= 1) return;
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<WYBlock> blocks = sb2st_build_blocks(refl, nb, Z.options(), true);
+  sb2st_apply_blocks(blocks, Z, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+}
+
+void sb2st_apply_blocks(const std::vector<WYBlock>& blocks, at::Tensor& Z, double build_s) {
+  const auto t1 = std::chrono::steady_clock::now();
   const std::clock_t c1 = std::clock();
   apply_wy_blocks(blocks, Z);
   const double cpu = double(std::clock() - c1) / CLOCKS_PER_SEC;
   if (std::getenv("CURVFAST_EIGH_PROFILE"))
     std::fprintf(stderr, "  sb2st_apply: %zu blocks, build %.3f s, apply %.3f s (cpu %.3f s)\n", blocks.size(),
-                 std::chrono::duration<double>(t1 - t0).count(),
+                 build_s,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count(), cpu);
 }
 

@@ -146,10 +146,43 @@ void secular_root(int64_t i, int64_t k, const double* dd, const double* z2, doub
     secular_root_generic(i, k, dd, z2, rho, zsum, org, tau);
 }
 
+// Output columns: all in ascending order (kd == 0), or the kd largest, largest first. One gather
+// pass from the two sources (new eigenvectors QN (n, k), deflated columns of Q) in that order.
+at::Tensor gather_columns(const at::Tensor& QN, const at::Tensor& Q, const std::vector<int64_t>& defl,
+                          const std::vector<int64_t>& perm, int64_t kd) {
+  const int64_t n = Q.size(0), k = QN.size(1);
+  std::vector<int64_t> sel;
+  if (kd > 0)
+    sel.assign(perm.rbegin(), perm.rbegin() + std::min<int64_t>(kd, (int64_t)perm.size()));
+  else
+    sel = perm;
+  const int64_t nc = (int64_t)sel.size();
+  // Source of output column p: column src[p] of QN (src >= 0) or column -src[p]-1 of Q.
+  std::vector<int64_t> src(nc);
+  for (int64_t p = 0; p < nc; ++p) src[p] = sel[p] < k ? sel[p] : -defl[sel[p] - k] - 1;
+  at::Tensor out = at::empty({n, nc}, Q.options());
+  AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "eigh_merge_gather", [&] {
+    const scalar_t* qn = QN.data_ptr<scalar_t>();
+    const scalar_t* q = Q.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t ldn = QN.stride(0), ldq = Q.stride(0);
+    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* a = qn + r * ldn;
+        const scalar_t* b = q + r * ldq;
+        scalar_t* orow = o + r * nc;
+        for (int64_t p = 0; p < nc; ++p) orow[p] = src[p] >= 0 ? a[src[p]] : b[-src[p] - 1];
+      }
+    });
+  });
+  return out;
+}
+
 // Merge step. D (n) eigenvalues of the two halves, z (n) the tear vector in their eigenbasis,
 // Q (n,n) = diag(Q1, Q2) (modified: deflation rotations), m = size of the top half.
+// kd as in dc: the output holds all columns ascending, or the kd largest, largest first.
 at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at::Tensor& Q, int64_t m,
-                 double eps_s, std::vector<double>& w) {
+                 double eps_s, std::vector<double>& w, int64_t kd) {
   const int64_t n = (int64_t)D.size();
   double zn = 0;
   for (double v : z) zn += v * v;
@@ -281,15 +314,23 @@ at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at:
   std::vector<int64_t> perm(n);
   std::iota(perm.begin(), perm.end(), 0);
   std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return lam[a] < lam[b]; });
-  at::Tensor all = defl.empty() ? QN : at::cat({QN, Q.index_select(1, at::tensor(defl, at::kLong))}, 1);
-  w.resize(n);
-  for (int64_t i = 0; i < n; ++i) w[i] = lam[perm[i]];
-  return all.index_select(1, at::tensor(perm, at::kLong)).contiguous();
+  at::Tensor out = gather_columns(QN, Q, defl, perm, kd);
+  w.resize(out.size(1));
+  for (int64_t i = 0; i < (int64_t)w.size(); ++i) w[i] = lam[kd > 0 ? perm[n - 1 - i] : perm[i]];
+  return out;
 }
 
+// kd > 0: only the kd largest eigenpairs, largest first (the top-level call); else all, ascending.
 at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, std::vector<double>& w,
-              bool split) {
-  if (n <= kLeaf) return leaf(d, e, n, dt, w);
+              bool split, int64_t kd = 0) {
+  if (n <= kLeaf) {
+    at::Tensor Z = leaf(d, e, n, dt, w);
+    if (kd <= 0) return Z;
+    kd = std::min(kd, n);
+    std::vector<double> wd(w.rbegin(), w.rbegin() + kd);
+    w = wd;
+    return Z.narrow(1, n - kd, kd).flip({1}).contiguous();
+  }
   const int64_t m = n / 2;
   const double beta = e[m - 1], rho = std::fabs(beta);
   std::vector<double> d1(d, d + m), d2(d + m, d + n);
@@ -341,16 +382,20 @@ at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, do
     std::vector<int64_t> perm(n);
     std::iota(perm.begin(), perm.end(), 0);
     std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return D[a] < D[b]; });
-    w.resize(n);
-    for (int64_t i = 0; i < n; ++i) w[i] = D[perm[i]];
-    return Q.index_select(1, at::tensor(perm, at::kLong)).contiguous();
+    std::vector<int64_t> all(n);
+    std::iota(all.begin(), all.end(), 0);
+    at::Tensor out = gather_columns(Q.narrow(1, 0, 0), Q, all, perm, kd);
+    w.resize(out.size(1));
+    for (int64_t i = 0; i < (int64_t)w.size(); ++i) w[i] = D[kd > 0 ? perm[n - 1 - i] : perm[i]];
+    return out;
   }
-  return merge(D, z, rho, Q, m, eps_s, w);
+  return merge(D, z, rho, Q, m, eps_s, w, kd);
 }
 
 }  // namespace
 
-at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dtype, std::vector<double>& w) {
+at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dtype, std::vector<double>& w,
+                 int64_t top_desc) {
   const int64_t n = (int64_t)d.size();
   if (n == 0) {
     w.clear();
@@ -364,7 +409,7 @@ at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dt
   for (double& v : e) v /= scale;
   const double eps_s = dtype == at::kDouble ? kEps : (double)std::numeric_limits<float>::epsilon();
   const bool split = n >= kSplitAbove && at::get_num_threads() >= 2 && !at::in_parallel_region();
-  at::Tensor Z = dc(d.data(), e.data(), n, dtype, eps_s, w, split);
+  at::Tensor Z = dc(d.data(), e.data(), n, dtype, eps_s, w, split, std::max<int64_t>(0, top_desc));
   for (double& v : w) v *= scale;
   return Z;
 }

@@ -81,6 +81,12 @@ void sb2st(const at::Tensor& B, int64_t b, std::vector<double>& d, std::vector<d
 // (b+nb-1) x nb parallelogram, half zeros when nb = b: nb <= 0 picks sb2st_default_nb(b).
 void sb2st_apply(const Sb2stReflectors& refl, at::Tensor& Z, int64_t nb);
 int64_t sb2st_default_nb(int64_t b);
+// sb2st_apply in two parts, so that the blocks can be built while stage 3 runs: the WY blocks
+// (V, W = V T in `opts`; on this thread only unless `parallel`), then Z <- Q2 Z with them
+// (build_s: the build time, for the profile line).
+std::vector<WYBlock> sb2st_build_blocks(const Sb2stReflectors& refl, int64_t nb, const at::TensorOptions& opts,
+                                        bool parallel);
+void sb2st_apply_blocks(const std::vector<WYBlock>& blocks, at::Tensor& Z, double build_s = 0);
 
 // Stage 2 for the CUDA kernel and its CPU emulation (csrc/cpu/eigh_chase.h): compact band buffer
 // (n, 2b+1), column c = row c, entry (r, c) at [c, r-c]; and the reflectors recorded directly in
@@ -109,9 +115,10 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage_blocked(const at::Tensor& A, in
                                                          const ChaseFn& chase,
                                                          const std::function<void(const char*)>& lap = {});
 
-// Stage 3: divide and conquer. Returns eigenvalues ascending (double) and Z (n,n) in `dtype`.
+// Stage 3: divide and conquer. Returns eigenvalues ascending (double) and Z (n,n) in `dtype`;
+// top_desc > 0: only the top_desc largest eigenpairs, largest first (w and Z (n, top_desc)).
 at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dtype,
-                 std::vector<double>& w);
+                 std::vector<double>& w, int64_t top_desc = 0);
 
 // Whole solver; eigenvalues descending; top > 0 keeps only the top eigenpairs.
 std::tuple<at::Tensor, at::Tensor> eigh_twostage(const at::Tensor& A, int64_t band, int64_t top);
