@@ -13,10 +13,12 @@ back-transformation cost and batches (several decompositions in flight, largest 
 ``"cuda"`` is the same two-stage solver on CUDA tensors (csrc/cuda/eigh_*.cu: band reduction with
 cuSOLVER/cuBLAS, bulge chasing as a CUDA kernel, D&C on the host, GEMM back-transformations;
 batches on several streams), available when curvfast._C was built with CUDA. ``"auto"`` picks
-torch: on the idle 2-core host MKL beat the C++ solver for single decompositions (1.4-1.7x),
-partial spectra (1.14x) and batches of 8 mid-size matrices (1.65x)
-(benchmarks/results/cpu_eigh.json). The C++ solver wins only when the machine is loaded,
-which is not a basis for a default.
+by measurement (benchmarks/results/cpu_eigh.json, idle 2-core host, fp32): on the CPU the C++
+solver for single decompositions with n ≥ 3072 (n = 4096: 0.80x MKL's time) and for partial
+spectra with n ≥ 2048 and top ≤ n/4 (top 10% at 2048: 0.75x MKL's full solve); torch otherwise
+(MKL is faster below n ≈ 3000, 1.25x at 2048, and for batches of small matrices, 1.29x), and
+always on GPUs until the CUDA path has been measured there. A solve that fails or misses the
+accuracy check falls back to torch (see :func:`eigh`).
 """
 from __future__ import annotations
 
@@ -77,6 +79,9 @@ def _validate(M: torch.Tensor, name: str) -> None:
 # Backends
 # --------------------------------------------------------------------------------------
 EIGH_BACKENDS = ("auto", "torch", "cpp", "cuda")
+#: "auto" on the CPU: the C++ solver from this size (full spectrum) / this size with top ≤ n/4
+CPP_AUTO_MIN_N = 3072
+CPP_AUTO_MIN_N_TOP = 2048
 
 
 def _twostage_ops():
@@ -122,6 +127,10 @@ def resolve_eigh_backend(backend: str, device: torch.device, n: int, top: Option
     if backend not in EIGH_BACKENDS:
         raise ValueError(f"unknown eigh backend {backend!r}; choose one of {EIGH_BACKENDS}")
     if backend == "auto":
+        if device.type != "cpu" or batched or eigh_backend_status()["cpp"][0] is False:
+            return "torch"
+        if n >= CPP_AUTO_MIN_N or (top is not None and n >= CPP_AUTO_MIN_N_TOP and top <= n // 4):
+            return "cpp"
         return "torch"
     if backend == "torch":
         return "torch"

@@ -284,11 +284,17 @@ def test_backend_switch_errors():
         curvfast.eigh(M, backend="cuda")
     assert eigen_mod.resolve_eigh_backend("auto", torch.device("cpu"), 100) == "torch"
     assert eigen_mod.resolve_eigh_backend("torch", torch.device("cpu"), 10**5) == "torch"
-    # auto stays with MKL/cuSOLVER: it measured faster than the C++ solver on an idle host.
-    assert eigen_mod.resolve_eigh_backend("auto", torch.device("cpu"), 2048, top=100) == "torch"
-    assert eigen_mod.resolve_eigh_backend("auto", torch.device("cpu"), 512, batched=True) == "torch"
+    # auto follows the measurements: MKL below n ≈ 3000 and for batches; the C++ solver for large
+    # single matrices and for partial spectra of n ≥ 2048 (when it is built); torch on GPUs
+    auto = lambda *a, **k: eigen_mod.resolve_eigh_backend("auto", *a, **k)  # noqa: E731
+    cpu = torch.device("cpu")
+    assert auto(cpu, 2048) == "torch" and auto(cpu, 1024, top=100) == "torch"
+    assert auto(cpu, 8192, batched=True) == "torch" and auto(cpu, 2048, top=1024) == "torch"
+    assert auto(torch.device("cuda"), 8192) == "torch"
+    built = "cpp" if OPS is not None else "torch"
+    assert auto(cpu, 4096) == built and auto(cpu, 2048, top=204) == built
     if OPS is not None:
-        assert eigen_mod.resolve_eigh_backend("cpp", torch.device("cpu"), 2048, top=100) == "cpp"
+        assert eigen_mod.resolve_eigh_backend("cpp", cpu, 2048, top=100) == "cpp"
     status = eigen_mod.eigh_backend_status()
     assert set(status) == {"torch", "cpp", "cuda"} and status["torch"][0]
 
