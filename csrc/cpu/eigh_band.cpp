@@ -86,6 +86,24 @@ SingleThreadedBlas::~SingleThreadedBlas() {
   if (omp_set_num_threads && omp_threads_ > 0) omp_set_num_threads(omp_threads_);
 }
 
+void run_concurrently(int64_t count, const std::function<void(int64_t)>& body) {
+  std::exception_ptr err;
+  std::mutex mu;
+  auto guarded = [&](int64_t t) {
+    try {
+      body(t);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(mu);
+      if (!err) err = std::current_exception();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < count; ++t) pool.emplace_back(guarded, t);
+  guarded(0);
+  for (auto& th : pool) th.join();
+  if (err) std::rethrow_exception(err);
+}
+
 at::Tensor larft(const at::Tensor& V, const at::Tensor& tau) {
   const int64_t r = V.size(1);
   // S = V^T V is one GEMM; the triangular recurrence T[:i,i] = -tau_i T[:i,:i] S[:i,i] is O(r^3).
@@ -200,22 +218,10 @@ void apply_wy_blocks(const std::vector<WYBlock>& blocks, at::Tensor& Z) {
   if (chunks == 1) return run(0);
   // Plain threads, each with a thread-local single-threaded BLAS (inside an OpenMP region the
   // BLAS still nested its own threads and ran ~20x slower).
-  std::vector<std::thread> pool;
-  std::exception_ptr err;
-  std::mutex mu;
-  for (int64_t c = 0; c < chunks; ++c) {
-    pool.emplace_back([&, c] {
-      SingleThreadedBlas guard;
-      try {
-        run(c);
-      } catch (...) {
-        std::lock_guard<std::mutex> g(mu);
-        if (!err) err = std::current_exception();
-      }
-    });
-  }
-  for (auto& t : pool) t.join();
-  if (err) std::rethrow_exception(err);
+  run_concurrently(chunks, [&](int64_t c) {
+    SingleThreadedBlas guard;
+    run(c);
+  });
 }
 
 // Consecutive panels are merged into blocks of about kMergeCols columns, so that the GEMMs of

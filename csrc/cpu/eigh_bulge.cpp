@@ -213,21 +213,7 @@ void sb2st_impl(const at::Tensor& B_in, int64_t b, std::vector<double>& d, std::
     auto work = [&] { avx2 ? chase_worker_avx2<scalar_t>(sh) : chase_worker_generic<scalar_t>(sh); };
     // A second worker pays off once sweeps are long enough to pipeline (a few steps each).
     const int workers = (n >= 16 * b && at::get_num_threads() >= 2 && !at::in_parallel_region()) ? 2 : 1;
-    if (workers == 1) {
-      work();
-    } else {
-      std::exception_ptr err;
-      std::thread other([&] {
-        try {
-          work();
-        } catch (...) {
-          err = std::current_exception();
-        }
-      });
-      work();
-      other.join();
-      if (err) std::rethrow_exception(err);
-    }
+    run_concurrently(workers, [&](int64_t) { work(); });
   }
   d.resize(n);
   e.resize(std::max<int64_t>(n - 1, 0));

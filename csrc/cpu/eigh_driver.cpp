@@ -112,29 +112,17 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage(const at::Tensor& A_in, int64_t
   std::vector<WYBlock> q2;
   const auto opts = at::TensorOptions().dtype(dt);
   const bool overlap = n >= kSerialBelow && at::get_num_threads() >= 2 && !at::in_parallel_region();
-  std::exception_ptr build_err;
   double build_s = 0;
-  std::thread builder;
-  if (overlap) {
-    builder = std::thread([&] {
-      try {
-        const auto t0 = std::chrono::steady_clock::now();
-        q2 = sb2st_build_blocks(r2, 0, opts, false);
-        build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      } catch (...) {
-        build_err = std::current_exception();
-      }
-    });
-  }
   at::Tensor Zk;
-  try {
-    Zk = stedc(std::move(d), std::move(e), dt, w, k);  // the k largest, descending
-  } catch (...) {
-    if (builder.joinable()) builder.join();
-    throw;
-  }
-  if (builder.joinable()) builder.join();
-  if (build_err) std::rethrow_exception(build_err);
+  run_concurrently(overlap ? 2 : 1, [&](int64_t t) {
+    if (t == 0) {
+      Zk = stedc(std::move(d), std::move(e), dt, w, k);  // the k largest, descending
+    } else {
+      const auto t0 = std::chrono::steady_clock::now();
+      q2 = sb2st_build_blocks(r2, 0, opts, false);
+      build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+  });
   clk.lap("tridiag D&C", n);
   std::vector<double> wk(w.begin(), w.begin() + k);
   if (!overlap) {
@@ -155,7 +143,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> sy2sb_op(const at::Tensor& A, int64_t band) {
   check_square(A, "eigh_sy2sb");
   Sy2sbReflectors r;
-  at::Tensor B = sy2sb(((A + A.t()) * 0.5).contiguous(), std::max<int64_t>(1, band), r);
+  at::Tensor B = sy2sb(symmetrize(A), std::max<int64_t>(1, band), r);
   at::Tensor Q = at::eye(A.size(0), A.options());
   sy2sb_apply(r, Q);
   return {B, Q};
@@ -204,26 +192,15 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_op(at::Tens
   }
   const int per = std::max<int>(1, cores / (int)workers);
   std::atomic<int64_t> next{0};
-  std::exception_ptr err;
-  std::mutex mu;
   std::vector<at::Tensor> inputs(As.begin(), As.end());
-  auto work = [&]() {
+  // A failed job ends its worker; the others finish the queue, then the first error is rethrown.
+  run_concurrently(workers, [&](int64_t) {
     SingleThreadedBlas guard(per);
     for (int64_t t; (t = next.fetch_add(1)) < m;) {
       const int64_t i = order[t];
-      try {
-        auto [w, z] = eigh_twostage(inputs[i], band, top);
-        W[i] = w, Z[i] = z;
-      } catch (...) {
-        std::lock_guard<std::mutex> g(mu);
-        if (!err) err = std::current_exception();
-      }
+      std::tie(W[i], Z[i]) = eigh_twostage(inputs[i], band, top);
     }
-  };
-  std::vector<std::thread> pool;
-  for (int64_t t = 0; t < workers; ++t) pool.emplace_back(work);
-  for (auto& th : pool) th.join();
-  if (err) std::rethrow_exception(err);
+  });
   return {W, Z};
 }
 

@@ -56,21 +56,7 @@ void chase_emulate(at::Tensor& band, Sb2stBlocks& q, int64_t workers, int nt) {
       }
     }
   };
-  if (workers <= 1) return work();
-  std::vector<std::thread> pool;
-  std::exception_ptr err;
-  std::mutex mu;
-  for (int64_t t = 0; t < workers; ++t)
-    pool.emplace_back([&] {
-      try {
-        work();
-      } catch (...) {
-        std::lock_guard<std::mutex> lk(mu);
-        if (!err) err = std::current_exception();
-      }
-    });
-  for (auto& th : pool) th.join();
-  if (err) std::rethrow_exception(err);
+  run_concurrently(workers, [&](int64_t) { work(); });
 }
 
 // B (n, n) band matrix (lower part within `band` read) -> d (n), e (n-1), explicit Q2 (n, n),

@@ -342,26 +342,13 @@ at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, do
     // The two halves on two threads, each with single-threaded BLAS: below the top merge the
     // GEMMs are small and the recursion is serial, so one core each beats sharing both (no
     // barriers); the top merge then uses all threads.
-    std::exception_ptr err;
-    std::thread left([&] {
-      try {
-        SingleThreadedBlas guard(1);
-        Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false);
-      } catch (...) {
-        err = std::current_exception();
-      }
-    });
-    {
+    run_concurrently(2, [&](int64_t t) {
       SingleThreadedBlas guard(1);
-      try {
+      if (t == 0)
         Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2, false);
-      } catch (...) {
-        left.join();
-        throw;
-      }
-    }
-    left.join();
-    if (err) std::rethrow_exception(err);
+      else
+        Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false);
+    });
   } else {
     Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false);
     Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2, false);

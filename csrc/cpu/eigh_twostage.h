@@ -55,6 +55,10 @@ struct SingleThreadedBlas {
   int omp_threads_ = 0, mkl_threads_ = 0;
 };
 
+// body(0) on the calling thread and body(1) .. body(count - 1) on threads of their own; joins all
+// of them, then rethrows the first exception any of them raised.
+void run_concurrently(int64_t count, const std::function<void(int64_t)>& body);
+
 // One block reflector I - V T V^T acting on rows off .. off + V.size(0) - 1. W = V T, when
 // defined, replaces T (two GEMMs per application instead of three; T may then be undefined).
 struct WYBlock {
