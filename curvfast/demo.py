@@ -252,7 +252,7 @@ def natural_passages(stream: torch.Tensor, n: int, length: int, eos_id: int, see
         return torch.empty((0, length), dtype=torch.long)
     g = torch.Generator().manual_seed(seed + 4)
     blocks = stream.numel() // length                      # aligned windows never overlap
-    ok = [b for b in range(blocks) if not bool((stream[b * length:(b + 1) * length] == eos_id).any())]
+    ok = (~stream[:blocks * length].view(blocks, length).eq(eos_id).any(dim=1)).nonzero().flatten().tolist()
     if len(ok) < n:
         raise ValueError(f"the training text has only {len(ok)} EOS-free windows of {length} tokens; "
                          f"ask for fewer passages")
@@ -699,11 +699,12 @@ def run_demo(args: Union[argparse.Namespace, dict, None] = None, **overrides: An
     from curvfast.bands import band_energy
 
     spectra = {n: {"evals_A": eigen[n].evals_A.tolist(), "evals_G": eigen[n].evals_G.tolist()} for n in names}
-    can_batch = [{"input_ids": torch.cat([torch.full((canaries.shape[0], 1), eos_id), canaries], dim=1)}]
-    bands = {"held-out text": band_energy(model, eigen, held), "canaries": band_energy(model, eigen, can_batch)}
+    def as_documents(seqs: torch.Tensor) -> list[dict]:   # one batch, each row after EOS as planted
+        return [{"input_ids": torch.cat([torch.full((seqs.shape[0], 1), eos_id), seqs], dim=1)}]
+
+    bands = {"held-out text": band_energy(model, eigen, held), "canaries": band_energy(model, eigen, as_documents(canaries))}
     if passages is not None and passages.shape[0]:
-        psg_batch = [{"input_ids": torch.cat([torch.full((passages.shape[0], 1), eos_id), passages], dim=1)}]
-        bands["natural passages"] = band_energy(model, eigen, psg_batch)
+        bands["natural passages"] = band_energy(model, eigen, as_documents(passages))
 
     comparison = None
     if s.compare:

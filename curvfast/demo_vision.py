@@ -184,6 +184,21 @@ def _layers(spec: str, n: int) -> list[int]:
     return sorted(set(out))
 
 
+def _measure(model, data: dict) -> dict:
+    """Noisy-label metrics of ``model`` on the split (fractions in [0, 1])."""
+    from curvfast.evaluate import noisy_label_metrics
+
+    m = noisy_label_metrics(model, data["train_x"], data["train_noisy"], data["train_true"], data["val_x"],
+                            data["val_y"])
+    return {k: m[k] for k in ("memorized", "true_label_acc", "val_acc", "clean_train_acc")}
+
+
+def _factor_batches(data: dict, batch_size: int) -> list[dict]:
+    """Training images with their (noisy) training labels, for the factors (labels are sampled)."""
+    return [{"pixel_values": data["train_x"][k:k + batch_size], "labels": data["train_noisy"][k:k + batch_size]}
+            for k in range(0, len(data["train_true"]), batch_size)]
+
+
 def format_vision(rows: list[dict]) -> str:
     head = f"{'model':<28} {'memorized':>9} {'true-label acc':>14} {'val acc':>8} {'|ΔW|/|W|':>9}"
     lines = [head, "-" * len(head)]
@@ -197,7 +212,6 @@ def run_vision(s: Optional[VisionSettings] = None, log: Optional[Callable[..., N
     """Run the ViT arm; print its table; return every number (fractions in [0, 1])."""
     import curvfast
     from curvfast.baselines import svd_model
-    from curvfast.evaluate import noisy_label_metrics
 
     s = s or VisionSettings()
     for k, v in overrides.items():
@@ -209,15 +223,11 @@ def run_vision(s: Optional[VisionSettings] = None, log: Optional[Callable[..., N
     model, data, meta = _prepare(s, log)
 
     def measure() -> dict:
-        m = noisy_label_metrics(model, data["train_x"], data["train_noisy"], data["train_true"], data["val_x"],
-                                data["val_y"])
-        return {k: m[k] for k in ("memorized", "true_label_acc", "val_acc", "clean_train_acc")}
+        return _measure(model, data)
 
     rows = [dict(name="original", method="none", **measure(), rel_change=0.0)]
     layers = _layers(s.layers, s.num_layers)
-    batches = [{"pixel_values": data["train_x"][k:k + s.factor_batch_size],
-                "labels": data["train_noisy"][k:k + s.factor_batch_size]}
-               for k in range(0, len(data["train_true"]), s.factor_batch_size)]
+    batches = _factor_batches(data, s.factor_batch_size)
     t0 = time.perf_counter()
     factors = curvfast.collect_factors(model, batches, modules="mlp", layers=layers, fisher="true", seed=s.seed,
                                        progress=s.progress)
@@ -274,21 +284,16 @@ def sweep_vision(s: Optional[VisionSettings] = None, layer_sets: Sequence[str] =
     subset's matrices, measured and undone. Returns the grid, the original's numbers and the best
     point by :func:`best_vision_point` (lowest memorized with validation accuracy within 2 points)."""
     import curvfast
-    from curvfast.evaluate import noisy_label_metrics
 
     s = s or VisionSettings()
     log = log or (lambda *a: print(*a, file=sys.stderr, flush=True))
     model, data, meta = _prepare(s, log)
 
     def measure() -> dict:
-        m = noisy_label_metrics(model, data["train_x"], data["train_noisy"], data["train_true"], data["val_x"],
-                                data["val_y"])
-        return {k: m[k] for k in ("memorized", "true_label_acc", "val_acc", "clean_train_acc")}
+        return _measure(model, data)
 
     base = measure()
-    batches = [{"pixel_values": data["train_x"][k:k + s.factor_batch_size],
-                "labels": data["train_noisy"][k:k + s.factor_batch_size]}
-               for k in range(0, len(data["train_true"]), s.factor_batch_size)]
+    batches = _factor_batches(data, s.factor_batch_size)
     t0 = time.perf_counter()
     factors = curvfast.collect_factors(model, batches, modules="mlp", layers=list(range(s.num_layers)),
                                        fisher="true", seed=s.seed, progress=s.progress)
