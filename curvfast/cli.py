@@ -488,6 +488,16 @@ def cmd_info(args) -> int:
 # --------------------------------------------------------------------------------------
 # parser
 # --------------------------------------------------------------------------------------
+def _measurement_args(p: argparse.ArgumentParser, seq_len_help: str) -> None:
+    """Recitation and perplexity options shared by ``eval`` and ``sweep``."""
+    p.add_argument("--prefix-len", type=int, default=64, help="prefix tokens (default 64; 0 = all but the suffix)")
+    p.add_argument("--suffix-len", type=_positive_int, default=48, help="suffix tokens to recite (default 48)")
+    p.add_argument("--max-sequences", type=_positive_int, default=None, help="memorized sequences to use at most")
+    p.add_argument("--seq-len", type=_positive_int, default=512, help=seq_len_help)
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="held-out tokens to read at most")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
+
+
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if visible, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
@@ -566,12 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="local Hugging Face model directory")
     p.add_argument("--memorized", help="jsonl of memorized sequences")
     p.add_argument("--heldout", nargs="+", help="held-out .txt / .jsonl files for perplexity")
-    p.add_argument("--prefix-len", type=int, default=64, help="prefix tokens (default 64; 0 = all but the suffix)")
-    p.add_argument("--suffix-len", type=_positive_int, default=48, help="suffix tokens to recite (default 48)")
-    p.add_argument("--max-sequences", type=_positive_int, default=None, help="evaluate at most this many sequences")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="perplexity window (default 512)")
-    p.add_argument("--max-tokens", type=_positive_int, default=None, help="held-out tokens to read at most")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
+    _measurement_args(p, seq_len_help="perplexity window (default 512)")
     p.add_argument("--json", help="write all numbers to this JSON file")
     _common_model_args(p)
     p.set_defaults(func=cmd_eval)
@@ -599,12 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fisher", choices=("true", "empirical"), default="true", help="with --data (default true)")
     p.add_argument("--tokens", type=_positive_int, default=None, help="with --data: counted tokens to collect")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled targets (default 0)")
-    p.add_argument("--prefix-len", type=int, default=64, help="prefix tokens (default 64; 0 = all but the suffix)")
-    p.add_argument("--suffix-len", type=_positive_int, default=48, help="suffix tokens to recite (default 48)")
-    p.add_argument("--max-sequences", type=_positive_int, default=None, help="memorized sequences to use at most")
-    p.add_argument("--seq-len", type=_positive_int, default=512, help="sequence length for data and perplexity")
-    p.add_argument("--max-tokens", type=_positive_int, default=None, help="held-out tokens to read at most")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
+    _measurement_args(p, seq_len_help="sequence length for data and perplexity (default 512)")
     p.add_argument("--out", required=True, help="output directory for sweep.json, sweep.md, sweep.png")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
     _common_model_args(p)
