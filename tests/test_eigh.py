@@ -170,6 +170,48 @@ def test_stage_tridiagonal_divide_and_conquer(case, dtype, tol):
     assert float((w.double() - ref).abs().max()) <= tol * float(ref.abs().max())
 
 
+def mirrored_halves():
+    """Two equal halves joined by a coupling of 0.5: every eigenvalue of one half is one of the
+    other's, so the top merge deflates by rotating a top-half column into a bottom-half one."""
+    g = torch.Generator().manual_seed(3)
+    d1, e1 = torch.randn(150, generator=g, dtype=torch.float64), torch.randn(149, generator=g, dtype=torch.float64)
+    return "mirrored", torch.cat([d1, d1]), torch.cat([e1, torch.tensor([0.5], dtype=torch.float64), e1])
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", [*tridiagonals(), mirrored_halves()], ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("top", [0, 37])
+def test_stage_tridiagonal_factored_top_merge(case, dtype, tol, top):
+    # Z = diag(Z1, Z2) ST^T, formed here in float64, is an eigenbasis of T; its eigenvalues are
+    # the plain D&C's (same merge, same arithmetic) and so are its vectors up to sign.
+    _, d, e = case
+    n = d.numel()
+    k = min(top, n) if top > 0 else n
+    w, Z1, Z2, ST = OPS.eigh_stedc_factored(d.to(dtype), e.to(dtype), top)
+    assert w.shape == (k,) and (w[:-1] >= w[1:]).all()
+    if ST.numel() == 0:  # small n: no top-level tear, Z1 is Z
+        Z = Z1.double()
+    else:
+        m = Z1.shape[0]
+        assert Z1.shape == (m, m) and Z2.shape == (n - m, n - m) and ST.shape == (k, n)
+        S = ST.double().T
+        Z = torch.cat([Z1.double() @ S[:m], Z2.double() @ S[m:]])
+    assert Z.shape == (n, k)
+    T = torch.diag(d) + torch.diag(e, 1) + torch.diag(e, -1)
+    res = float((T @ Z - Z * w.double()).norm() / T.norm())
+    orth = float((Z.T @ Z - torch.eye(k, dtype=torch.float64)).norm()) / math.sqrt(k)
+    assert res <= tol and orth <= tol, (res, orth)
+    w_full, Z_full = OPS.eigh_stedc(d.to(dtype), e.to(dtype))
+    assert torch.equal(w, w_full.flip(0)[:k])
+    simple = torch.ones(k, dtype=torch.bool)
+    wd = w_full.flip(0).double()
+    gaps = (wd[:-1] - wd[1:]).abs()
+    simple &= torch.cat([gaps[:k] > 1e-3, torch.tensor([True])])[:k]
+    simple[1:] &= gaps[:k - 1] > 1e-3
+    assert torch.allclose(Z[:, simple].abs(), Z_full.flip(1)[:, :k][:, simple].double().abs(), atol=50 * tol)
+
+
 # ------------------------------------------------------------------------------ partial spectrum
 def assert_top_equal(M, full, part, k):
     (wf, vf), (wp, vp) = full, part

@@ -139,17 +139,19 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage_blocked(const at::Tensor& A_in,
   band_tridiagonal(buf, d, e);  // on CUDA: waits for the chase
   buf.reset();
   mark("band->tri");
-  at::Tensor Z = stedc(std::move(d), std::move(e), dt, w);  // host, ascending
-  // Only the wanted columns go back to A's device, largest eigenvalue first.
-  at::Tensor Zk = Z.narrow(1, n - k, k).flip({1}).to(A_in.device()).contiguous();
-  Z.reset();
+  // On the host, the k largest, largest first; the top-level merge's product (3/4 of the stage's
+  // flops) is left to A's device, where its operands go.
+  StedcFactored f = stedc_factored(std::move(d), std::move(e), dt, w, k);
+  for (at::Tensor* t : {&f.Z1, &f.Z2, &f.ST})
+    if (t->defined()) *t = t->to(A_in.device());
+  at::Tensor Zk = f.product().contiguous();
+  f = {};
   mark("tridiag D&C");
   sb2st_blocks_apply(q, Zk);
   mark("apply Q2");
   sy2sb_apply(r1, Zk);
   mark("apply Q1");
-  std::vector<double> wk(w.rbegin(), w.rbegin() + k);
-  return {at::tensor(wk, at::kDouble).to(A_in.device(), dt), Zk};
+  return {at::tensor(w, at::kDouble).to(A_in.device(), dt), Zk};
 }
 
 }  // namespace eigh2

@@ -159,17 +159,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sb2st_op(const at::Tensor& B, int
   return {vec(d, B.scalar_type()), vec(e, B.scalar_type()), Q};
 }
 
-std::tuple<at::Tensor, at::Tensor> stedc_op(const at::Tensor& d, const at::Tensor& e) {
-  TORCH_CHECK(d.dim() == 1 && e.dim() == 1 && (e.size(0) == std::max<int64_t>(d.size(0) - 1, 0)),
-              "eigh_stedc: expected d (n,) and e (n-1,), got ", d.sizes(), " and ", e.sizes());
-  TORCH_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble,
-              "eigh_stedc: expected float32 or float64, got ", d.scalar_type());
+// d (n,), e (n-1,) checked and copied to the host in double; returns their dtype.
+at::ScalarType tridiagonal_input(const at::Tensor& d, const at::Tensor& e, const char* what, std::vector<double>& dv,
+                                 std::vector<double>& ev) {
+  TORCH_CHECK(d.dim() == 1 && e.dim() == 1 && (e.size(0) == std::max<int64_t>(d.size(0) - 1, 0)), what,
+              ": expected d (n,) and e (n-1,), got ", d.sizes(), " and ", e.sizes());
+  TORCH_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == at::kDouble, what,
+              ": expected float32 or float64, got ", d.scalar_type());
   at::Tensor dd = d.to(at::kDouble).contiguous(), ed = e.to(at::kDouble).contiguous();
-  std::vector<double> dv(dd.data_ptr<double>(), dd.data_ptr<double>() + dd.numel());
-  std::vector<double> ev(ed.data_ptr<double>(), ed.data_ptr<double>() + ed.numel());
+  dv.assign(dd.data_ptr<double>(), dd.data_ptr<double>() + dd.numel());
+  ev.assign(ed.data_ptr<double>(), ed.data_ptr<double>() + ed.numel());
+  return d.scalar_type();
+}
+
+std::tuple<at::Tensor, at::Tensor> stedc_op(const at::Tensor& d, const at::Tensor& e) {
+  std::vector<double> dv, ev;
+  const auto dt = tridiagonal_input(d, e, "eigh_stedc", dv, ev);
   std::vector<double> w;
-  at::Tensor Z = stedc(dv, ev, d.scalar_type(), w);
-  return {vec(w, d.scalar_type()), Z};
+  at::Tensor Z = stedc(dv, ev, dt, w);
+  return {vec(w, dt), Z};
+}
+
+// w (the top largest, descending; all when top <= 0), Z1, Z2, ST of stedc_factored; an undefined
+// factor comes back as a (0, 0) tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stedc_factored_op(const at::Tensor& d, const at::Tensor& e,
+                                                                             int64_t top) {
+  std::vector<double> dv, ev;
+  const auto dt = tridiagonal_input(d, e, "eigh_stedc_factored", dv, ev);
+  std::vector<double> w;
+  StedcFactored f = stedc_factored(dv, ev, dt, w, top);
+  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0, 0}, at::TensorOptions().dtype(dt)); };
+  return {vec(w, dt), or_empty(f.Z1), or_empty(f.Z2), or_empty(f.ST)};
 }
 
 // Several decompositions in flight: `workers` threads pull jobs largest-first (n^3 cost), each
@@ -214,4 +234,5 @@ TORCH_LIBRARY_IMPL(curvfast, CPU, m) {
   m.impl("eigh_sy2sb", &curvfast::eigh2::sy2sb_op);
   m.impl("eigh_sb2st", &curvfast::eigh2::sb2st_op);
   m.impl("eigh_stedc", &curvfast::eigh2::stedc_op);
+  m.impl("eigh_stedc_factored", &curvfast::eigh2::stedc_factored_op);
 }

@@ -9,6 +9,11 @@
 // eigenvectors are orthogonal to working precision, and the update of the eigenvectors as two
 // GEMMs that skip the zero blocks of diag(Q1, Q2). Scalars are double; the eigenvector
 // matrices and GEMMs are in the requested dtype.
+//
+// stedc_factored stops before the top-level merge's GEMMs and returns their operands: the halves'
+// eigenvectors and the merge's coefficients (U with the deflation rotations folded in), so that
+// the n^3 of that last product (3/4 of the stage's flops) runs where the eigenvectors are wanted,
+// on the GPU for the CUDA solver.
 #include "eigh_twostage.h"
 
 #include <ATen/ATen.h>
@@ -16,12 +21,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <numeric>
-#include <exception>
-#include <thread>
-#include <cstdio>
-#include <cstdlib>
 
 namespace curvfast {
 namespace eigh2 {
@@ -146,16 +148,19 @@ void secular_root(int64_t i, int64_t k, const double* dd, const double* z2, doub
     secular_root_generic(i, k, dd, z2, rho, zsum, org, tau);
 }
 
-// Output columns: all in ascending order (kd == 0), or the kd largest, largest first. One gather
-// pass from the two sources (new eigenvectors QN (n, k), deflated columns of Q) in that order.
+// Output columns: all in ascending order (kd == 0), or the kd largest, largest first; entries of
+// the ascending order `perm` of all n eigenvalues.
+std::vector<int64_t> selected(const std::vector<int64_t>& perm, int64_t kd) {
+  if (kd <= 0) return perm;
+  return std::vector<int64_t>(perm.rbegin(), perm.rbegin() + std::min<int64_t>(kd, (int64_t)perm.size()));
+}
+
+// One gather pass from the two sources of the output columns (new eigenvectors QN (n, k),
+// deflated columns of Q), in the order of `selected`.
 at::Tensor gather_columns(const at::Tensor& QN, const at::Tensor& Q, const std::vector<int64_t>& defl,
                           const std::vector<int64_t>& perm, int64_t kd) {
   const int64_t n = Q.size(0), k = QN.size(1);
-  std::vector<int64_t> sel;
-  if (kd > 0)
-    sel.assign(perm.rbegin(), perm.rbegin() + std::min<int64_t>(kd, (int64_t)perm.size()));
-  else
-    sel = perm;
+  const std::vector<int64_t> sel = selected(perm, kd);
   const int64_t nc = (int64_t)sel.size();
   // Source of output column p: column src[p] of QN (src >= 0) or column -src[p]-1 of Q.
   std::vector<int64_t> src(nc);
@@ -178,11 +183,27 @@ at::Tensor gather_columns(const at::Tensor& QN, const at::Tensor& Q, const std::
   return out;
 }
 
-// Merge step. D (n) eigenvalues of the two halves, z (n) the tear vector in their eigenbasis,
-// Q (n,n) = diag(Q1, Q2) (modified: deflation rotations), m = size of the top half.
-// kd as in dc: the output holds all columns ascending, or the kd largest, largest first.
-at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at::Tensor& Q, int64_t m,
-                 double eps_s, std::vector<double>& w, int64_t kd) {
+// A deflation rotation of columns p and j of the merge's basis Q:
+// Q[:, p] <- c Q_p + s Q_j ; Q[:, j] <- -s Q_p + c Q_j.
+struct Rotation {
+  int64_t p, j;
+  double c, s;
+};
+
+// The merge step up to, not including, the product with the halves' eigenvectors. D (n)
+// eigenvalues of the two halves, z (n) the tear vector in their eigenbasis, m = size of the top
+// half; `rotate` is called with each deflation rotation, in order, as it is decided.
+struct MergeParts {
+  int64_t k = 0;                     // poles kept (not deflated)
+  int64_t n1 = 0, n2 = 0;            // of them: columns of the top half only, of both halves
+  std::vector<int64_t> cols;         // column of Q that row r of U multiplies (top-only, both, bottom-only)
+  at::Tensor UT;                     // (k, k) in the output dtype: row i = eigenvector i, over rows r
+  std::vector<int64_t> defl, perm;   // deflated columns of Q; ascending order of lam
+  std::vector<double> lam;           // the k new eigenvalues, then the deflated ones
+};
+
+MergeParts merge_parts(std::vector<double>& D, std::vector<double>& z, double rho, int64_t m, double eps_s,
+                       at::ScalarType dt, const std::function<void(const Rotation&)>& rotate) {
   const int64_t n = (int64_t)D.size();
   double zn = 0;
   for (double v : z) zn += v * v;
@@ -198,37 +219,25 @@ at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at:
   std::vector<int> type(n);
   for (int64_t i = 0; i < n; ++i) type[i] = i < m ? 1 : 3;
 
-  const auto dt = Q.scalar_type();
-  std::vector<int64_t> nd, defl;
-  auto rotate = [&](int64_t p, int64_t j, double c, double s) {
-    // Q[:, p] <- c Q_p + s Q_j ; Q[:, j] <- -s Q_p + c Q_j
-    AT_DISPATCH_FLOATING_TYPES(dt, "eigh_rotate", [&] {
-      scalar_t* q = Q.data_ptr<scalar_t>();
-      const scalar_t cc = scalar_t(c), ss = scalar_t(s);
-      for (int64_t r = 0; r < n; ++r) {
-        const scalar_t a = q[r * n + p], b = q[r * n + j];
-        q[r * n + p] = cc * a + ss * b;
-        q[r * n + j] = -ss * a + cc * b;
-      }
-    });
-  };
+  MergeParts out;
+  std::vector<int64_t> nd;
   int64_t p = -1;
   for (int64_t j : order) {
     if (rho * std::fabs(z[j]) <= tol) {
-      defl.push_back(j);
+      out.defl.push_back(j);
       continue;
     }
     if (p >= 0) {
       const double r = std::hypot(z[p], z[j]);
       const double c = z[j] / r, s = -z[p] / r;
       if (std::fabs((D[j] - D[p]) * c * s) <= tol) {
-        rotate(p, j, c, s);
+        rotate({p, j, c, s});
         const double dp = D[p], dj = D[j];
         D[p] = c * c * dp + s * s * dj;
         D[j] = s * s * dp + c * c * dj;
         z[p] = 0, z[j] = r;
         if (type[p] != type[j]) type[j] = 2;
-        defl.push_back(p);
+        out.defl.push_back(p);
         p = j;
         continue;
       }
@@ -239,6 +248,7 @@ at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at:
   if (p >= 0) nd.push_back(p);
 
   const int64_t k = (int64_t)nd.size();
+  out.k = k;
   std::vector<double> dd(k), z2(k), zs(k);
   double zsum = 0;
   for (int64_t i = 0; i < k; ++i) {
@@ -265,14 +275,13 @@ at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at:
   for (int want : {1, 2, 3})
     for (int64_t j = 0; j < k; ++j)
       if (type[nd[j]] == want) rows.push_back(j);
-  int64_t n1 = 0, n2 = 0;
-  for (int64_t j = 0; j < k; ++j) n1 += type[nd[j]] == 1, n2 += type[nd[j]] == 2;
+  for (int64_t j = 0; j < k; ++j) out.n1 += type[nd[j]] == 1, out.n2 += type[nd[j]] == 2;
   // U (k x k, row r = secular pole rows[r], column i = root i) is built column by column into
   // contiguous storage (U^T row-major, so each thread writes whole rows) directly in the output
-  // dtype; the GEMMs read it through a transposed view.
-  at::Tensor UT = at::empty({k, k}, Q.options());
+  // dtype.
+  out.UT = at::empty({k, k}, at::TensorOptions().dtype(dt));
   AT_DISPATCH_FLOATING_TYPES(dt, "eigh_merge_u", [&] {
-    scalar_t* u = UT.data_ptr<scalar_t>();
+    scalar_t* u = out.UT.data_ptr<scalar_t>();
     at::parallel_for(0, k, 64, [&](int64_t b, int64_t e) {
       std::vector<double> col(k);
       for (int64_t i = b; i < e; ++i) {
@@ -288,10 +297,46 @@ at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at:
       }
     });
   });
-  at::Tensor Ut = UT.t();
-  std::vector<int64_t> cols(k);
-  for (int64_t r = 0; r < k; ++r) cols[r] = nd[rows[r]];
-  at::Tensor colsT = at::tensor(cols, at::kLong);
+  out.cols.resize(k);
+  for (int64_t r = 0; r < k; ++r) out.cols[r] = nd[rows[r]];
+  // All eigenpairs, new ones and deflated ones, sorted ascending.
+  out.lam.resize(n);
+  for (int64_t i = 0; i < k; ++i) out.lam[i] = dd[org[i]] + tau[i];
+  for (size_t i = 0; i < out.defl.size(); ++i) out.lam[k + i] = D[out.defl[i]];
+  out.perm.resize(n);
+  std::iota(out.perm.begin(), out.perm.end(), 0);
+  std::stable_sort(out.perm.begin(), out.perm.end(), [&](int64_t a, int64_t b) { return out.lam[a] < out.lam[b]; });
+  return out;
+}
+
+// The eigenvalues of the output columns (see selected), from the ascending order perm of lam.
+void output_values(const std::vector<double>& lam, const std::vector<int64_t>& perm, int64_t kd,
+                   std::vector<double>& w) {
+  const int64_t n = (int64_t)perm.size();
+  w.resize(kd > 0 ? std::min(kd, n) : n);
+  for (int64_t i = 0; i < (int64_t)w.size(); ++i) w[i] = lam[kd > 0 ? perm[n - 1 - i] : perm[i]];
+}
+
+// Merge step. Q (n,n) = diag(Q1, Q2) (modified: deflation rotations); kd as in dc: the output
+// holds all columns ascending, or the kd largest, largest first.
+at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at::Tensor& Q, int64_t m,
+                 double eps_s, std::vector<double>& w, int64_t kd) {
+  const int64_t n = (int64_t)D.size();
+  const auto dt = Q.scalar_type();
+  MergeParts mp = merge_parts(D, z, rho, m, eps_s, dt, [&](const Rotation& g) {
+    AT_DISPATCH_FLOATING_TYPES(dt, "eigh_rotate", [&] {
+      scalar_t* q = Q.data_ptr<scalar_t>();
+      const scalar_t cc = scalar_t(g.c), ss = scalar_t(g.s);
+      for (int64_t r = 0; r < n; ++r) {
+        const scalar_t a = q[r * n + g.p], b = q[r * n + g.j];
+        q[r * n + g.p] = cc * a + ss * b;
+        q[r * n + g.j] = -ss * a + cc * b;
+      }
+    });
+  });
+  const int64_t k = mp.k, n1 = mp.n1, n2 = mp.n2;
+  at::Tensor Ut = mp.UT.t();
+  at::Tensor colsT = at::tensor(mp.cols, at::kLong);
   at::Tensor QN = at::empty({n, k}, Q.options());
   if (n1 + n2 > 0) {
     at::Tensor top = Q.narrow(0, 0, m).index_select(1, colsT.narrow(0, 0, n1 + n2));
@@ -307,77 +352,151 @@ at::Tensor merge(std::vector<double>& D, std::vector<double>& z, double rho, at:
   } else {
     QN.narrow(0, m, n - m).zero_();
   }
-  // Collect eigenpairs: new ones and deflated ones, sorted ascending.
-  std::vector<double> lam(n);
-  for (int64_t i = 0; i < k; ++i) lam[i] = dd[org[i]] + tau[i];
-  for (size_t i = 0; i < defl.size(); ++i) lam[k + i] = D[defl[i]];
-  std::vector<int64_t> perm(n);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return lam[a] < lam[b]; });
-  at::Tensor out = gather_columns(QN, Q, defl, perm, kd);
-  w.resize(out.size(1));
-  for (int64_t i = 0; i < (int64_t)w.size(); ++i) w[i] = lam[kd > 0 ? perm[n - 1 - i] : perm[i]];
+  at::Tensor out = gather_columns(QN, Q, mp.defl, mp.perm, kd);
+  output_values(mp.lam, mp.perm, kd, w);
   return out;
+}
+
+// The merge's output columns as ST (nc, n), Z = diag(Q1, Q2) ST^T, without forming Z: row p is
+// output column p in the halves' eigenbasis before the deflation rotations (U's column scattered
+// to the rows cols, or a unit vector for a deflated column), then the rotations applied to its
+// entries, last first (Q G_1 .. G_r ST^T with each G acting on two entries). O(n nc) work.
+at::Tensor merge_coefficients(int64_t n, const MergeParts& mp, const std::vector<Rotation>& rots, int64_t kd,
+                              at::ScalarType dt) {
+  const std::vector<int64_t> sel = selected(mp.perm, kd);
+  const int64_t nc = (int64_t)sel.size(), k = mp.k;
+  at::Tensor ST = at::zeros({nc, n}, at::TensorOptions().dtype(dt));
+  AT_DISPATCH_FLOATING_TYPES(dt, "eigh_merge_coefficients", [&] {
+    scalar_t* st = ST.data_ptr<scalar_t>();
+    const scalar_t* ut = k > 0 ? mp.UT.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, nc, 16, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        scalar_t* row = st + p * n;
+        if (sel[p] < k) {
+          const scalar_t* u = ut + sel[p] * k;
+          for (int64_t r = 0; r < k; ++r) row[mp.cols[r]] = u[r];
+        } else {
+          row[mp.defl[sel[p] - k]] = scalar_t(1);
+        }
+        for (auto it = rots.rbegin(); it != rots.rend(); ++it) {
+          const scalar_t a = row[it->p], b = row[it->j], c = scalar_t(it->c), s = scalar_t(it->s);
+          row[it->p] = c * a - s * b;
+          row[it->j] = s * a + c * b;
+        }
+      }
+    });
+  });
+  return ST;
+}
+
+// The two halves of a tear at m = n/2: T = diag(T1', T2') + rho v v^T, each half solved by dc
+// (all eigenpairs, ascending); D their eigenvalues, z the tear vector in their eigenbasis.
+struct Halves {
+  int64_t m = 0;
+  at::Tensor Q1, Q2;
+  std::vector<double> D, z;
+  double rho = 0;
+};
+
+at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, std::vector<double>& w,
+              bool split, int64_t kd);
+
+Halves solve_halves(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, bool split) {
+  Halves h;
+  const int64_t m = n / 2;
+  h.m = m;
+  const double beta = e[m - 1];
+  h.rho = std::fabs(beta);
+  std::vector<double> d1(d, d + m), d2(d + m, d + n);
+  d1[m - 1] -= h.rho;
+  d2[0] -= h.rho;
+  std::vector<double> w1, w2;
+  if (split) {
+    // The two halves on two threads, each with half of the BLAS threads (at least one; and none
+    // beyond one per 1024 rows: below the top merge the GEMMs are small and the recursion is
+    // serial, so two cores each working alone beat both sharing every GEMM, no barriers).
+    const int per = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() / 2, m / 1024));
+    run_concurrently(2, [&](int64_t t) {
+      SingleThreadedBlas guard(per);
+      if (t == 0)
+        h.Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2, false, 0);
+      else
+        h.Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false, 0);
+    });
+  } else {
+    h.Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false, 0);
+    h.Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2, false, 0);
+  }
+  h.D = w1;
+  h.D.insert(h.D.end(), w2.begin(), w2.end());
+  h.z.resize(n);
+  at::Tensor r1 = h.Q1.select(0, m - 1).to(at::kDouble).contiguous();
+  at::Tensor r2 = h.Q2.select(0, 0).to(at::kDouble).contiguous();
+  const double sg = beta < 0 ? -1.0 : 1.0;
+  for (int64_t i = 0; i < m; ++i) h.z[i] = r1.data_ptr<double>()[i];
+  for (int64_t i = 0; i < n - m; ++i) h.z[m + i] = sg * r2.data_ptr<double>()[i];
+  return h;
+}
+
+// Leaf of the recursion (n <= kLeaf), output as dc's.
+at::Tensor dc_leaf(const double* d, const double* e, int64_t n, at::ScalarType dt, std::vector<double>& w,
+                   int64_t kd) {
+  at::Tensor Z = leaf(d, e, n, dt, w);
+  if (kd <= 0) return Z;
+  kd = std::min(kd, n);
+  std::vector<double> wd(w.rbegin(), w.rbegin() + kd);
+  w = wd;
+  return Z.narrow(1, n - kd, kd).flip({1}).contiguous();
+}
+
+std::vector<int64_t> ascending(const std::vector<double>& v) {
+  std::vector<int64_t> perm(v.size());
+  std::iota(perm.begin(), perm.end(), 0);
+  std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return v[a] < v[b]; });
+  return perm;
 }
 
 // kd > 0: only the kd largest eigenpairs, largest first (the top-level call); else all, ascending.
 at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, std::vector<double>& w,
-              bool split, int64_t kd = 0) {
-  if (n <= kLeaf) {
-    at::Tensor Z = leaf(d, e, n, dt, w);
-    if (kd <= 0) return Z;
-    kd = std::min(kd, n);
-    std::vector<double> wd(w.rbegin(), w.rbegin() + kd);
-    w = wd;
-    return Z.narrow(1, n - kd, kd).flip({1}).contiguous();
-  }
-  const int64_t m = n / 2;
-  const double beta = e[m - 1], rho = std::fabs(beta);
-  std::vector<double> d1(d, d + m), d2(d + m, d + n);
-  d1[m - 1] -= rho;
-  d2[0] -= rho;
-  std::vector<double> w1, w2;
-  at::Tensor Q1, Q2;
-  if (split) {
-    // The two halves on two threads, each with single-threaded BLAS: below the top merge the
-    // GEMMs are small and the recursion is serial, so one core each beats sharing both (no
-    // barriers); the top merge then uses all threads.
-    run_concurrently(2, [&](int64_t t) {
-      SingleThreadedBlas guard(1);
-      if (t == 0)
-        Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2, false);
-      else
-        Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false);
-    });
-  } else {
-    Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false);
-    Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2, false);
-  }
-  at::Tensor Q = at::zeros({n, n}, Q1.options());
-  Q.narrow(0, 0, m).narrow(1, 0, m).copy_(Q1);
-  Q.narrow(0, m, n - m).narrow(1, m, n - m).copy_(Q2);
-  std::vector<double> D(w1);
-  D.insert(D.end(), w2.begin(), w2.end());
-  std::vector<double> z(n);
-  at::Tensor r1 = Q1.select(0, m - 1).to(at::kDouble).contiguous();
-  at::Tensor r2 = Q2.select(0, 0).to(at::kDouble).contiguous();
-  const double sg = beta < 0 ? -1.0 : 1.0;
-  for (int64_t i = 0; i < m; ++i) z[i] = r1.data_ptr<double>()[i];
-  for (int64_t i = 0; i < n - m; ++i) z[m + i] = sg * r2.data_ptr<double>()[i];
-  if (rho == 0) {
+              bool split, int64_t kd) {
+  if (n <= kLeaf) return dc_leaf(d, e, n, dt, w, kd);
+  Halves h = solve_halves(d, e, n, dt, eps_s, split);
+  const int64_t m = h.m;
+  at::Tensor Q = at::zeros({n, n}, h.Q1.options());
+  Q.narrow(0, 0, m).narrow(1, 0, m).copy_(h.Q1);
+  Q.narrow(0, m, n - m).narrow(1, m, n - m).copy_(h.Q2);
+  h.Q1.reset(), h.Q2.reset();
+  if (h.rho == 0) {
     // Decoupled halves: just sort.
-    std::vector<int64_t> perm(n);
-    std::iota(perm.begin(), perm.end(), 0);
-    std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return D[a] < D[b]; });
+    const std::vector<int64_t> perm = ascending(h.D);
     std::vector<int64_t> all(n);
     std::iota(all.begin(), all.end(), 0);
     at::Tensor out = gather_columns(Q.narrow(1, 0, 0), Q, all, perm, kd);
-    w.resize(out.size(1));
-    for (int64_t i = 0; i < (int64_t)w.size(); ++i) w[i] = D[kd > 0 ? perm[n - 1 - i] : perm[i]];
+    output_values(h.D, perm, kd, w);
     return out;
   }
-  return merge(D, z, rho, Q, m, eps_s, w, kd);
+  return merge(h.D, h.z, h.rho, Q, m, eps_s, w, kd);
 }
+
+// stedc's scaling of (d, e) to max |entry| = 1 around `solve`, which fills w; w is scaled back.
+template <typename Solve>
+auto scaled(std::vector<double>& d, std::vector<double>& e, std::vector<double>& w, Solve solve) {
+  double scale = 0;
+  for (double v : d) scale = std::max(scale, std::fabs(v));
+  for (double v : e) scale = std::max(scale, std::fabs(v));
+  if (scale == 0) scale = 1;
+  for (double& v : d) v /= scale;
+  for (double& v : e) v /= scale;
+  auto out = solve();
+  for (double& v : w) v *= scale;
+  return out;
+}
+
+double eps_of(at::ScalarType dtype) {
+  return dtype == at::kDouble ? kEps : (double)std::numeric_limits<float>::epsilon();
+}
+
+bool split_top(int64_t n) { return n >= kSplitAbove && at::get_num_threads() >= 2 && !at::in_parallel_region(); }
 
 }  // namespace
 
@@ -388,16 +507,49 @@ at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dt
     w.clear();
     return at::empty({0, 0}, at::TensorOptions().dtype(dtype));
   }
-  double scale = 0;
-  for (double v : d) scale = std::max(scale, std::fabs(v));
-  for (double v : e) scale = std::max(scale, std::fabs(v));
-  if (scale == 0) scale = 1;
-  for (double& v : d) v /= scale;
-  for (double& v : e) v /= scale;
-  const double eps_s = dtype == at::kDouble ? kEps : (double)std::numeric_limits<float>::epsilon();
-  const bool split = n >= kSplitAbove && at::get_num_threads() >= 2 && !at::in_parallel_region();
-  at::Tensor Z = dc(d.data(), e.data(), n, dtype, eps_s, w, split, std::max<int64_t>(0, top_desc));
-  for (double& v : w) v *= scale;
+  return scaled(d, e, w, [&] {
+    return dc(d.data(), e.data(), n, dtype, eps_of(dtype), w, split_top(n), std::max<int64_t>(0, top_desc));
+  });
+}
+
+StedcFactored stedc_factored(std::vector<double> d, std::vector<double> e, at::ScalarType dtype,
+                             std::vector<double>& w, int64_t top_desc) {
+  const int64_t n = (int64_t)d.size();
+  const int64_t kd = top_desc > 0 ? std::min(top_desc, n) : n;
+  StedcFactored f;
+  if (n <= kLeaf) {
+    f.Z1 = stedc(std::move(d), std::move(e), dtype, w, kd);
+    return f;
+  }
+  return scaled(d, e, w, [&] {
+    const double eps_s = eps_of(dtype);
+    Halves h = solve_halves(d.data(), e.data(), n, dtype, eps_s, split_top(n));
+    f.Z1 = std::move(h.Q1);
+    f.Z2 = std::move(h.Q2);
+    if (h.rho == 0) {
+      MergeParts mp;  // decoupled halves: every column "deflated", just sorted
+      mp.perm = ascending(h.D);
+      mp.defl.resize(n);
+      std::iota(mp.defl.begin(), mp.defl.end(), 0);
+      f.ST = merge_coefficients(n, mp, {}, kd, dtype);
+      output_values(h.D, mp.perm, kd, w);
+      return f;
+    }
+    std::vector<Rotation> rots;
+    MergeParts mp = merge_parts(h.D, h.z, h.rho, h.m, eps_s, dtype, [&](const Rotation& g) { rots.push_back(g); });
+    f.ST = merge_coefficients(n, mp, rots, kd, dtype);
+    output_values(mp.lam, mp.perm, kd, w);
+    return f;
+  });
+}
+
+at::Tensor StedcFactored::product() const {
+  if (!ST.defined()) return Z1;
+  const int64_t m = Z1.size(0), n = m + Z2.size(0);
+  at::Tensor Z = at::empty({n, ST.size(0)}, Z1.options());
+  at::Tensor top = Z.narrow(0, 0, m), bot = Z.narrow(0, m, n - m);
+  at::mm_out(top, Z1, ST.narrow(1, 0, m).t());
+  at::mm_out(bot, Z2, ST.narrow(1, m, n - m).t());
   return Z;
 }
 

@@ -110,7 +110,8 @@ void band_tridiagonal(const at::Tensor& band, std::vector<double>& d, std::vecto
 void sb2st_blocks_apply(const Sb2stBlocks& q, at::Tensor& Z);
 
 // The solver with a pluggable chase of the compact band buffer (stage 2), on A's device:
-// sy2sb -> pack_band -> chase(band, blocks) -> stedc (host) -> sb2st_blocks_apply -> sy2sb_apply.
+// sy2sb -> pack_band -> chase(band, blocks) -> stedc_factored (host; its last product on A's device)
+// -> sb2st_blocks_apply -> sy2sb_apply.
 // The CUDA driver passes the kernel, the CPU emulation (eigh_emulate.cpp) its emulation, so this
 // sequence is tested on the CPU. `lap` (may be empty) is called after each stage with its name.
 // b >= 1 is the bandwidth (resolved by the caller); eigenvalues descending, top as eigh_twostage.
@@ -123,6 +124,17 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage_blocked(const at::Tensor& A, in
 // top_desc > 0: only the top_desc largest eigenpairs, largest first (w and Z (n, top_desc)).
 at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dtype,
                  std::vector<double>& w, int64_t top_desc = 0);
+
+// Stage 3 without its last product: Z = diag(Z1, Z2) ST^T, Z1 (m, m) and Z2 (n-m, n-m) the
+// eigenvectors of the two halves of the top-level tear and ST (k, n) the top merge's coefficients
+// (ST undefined: Z1 is Z itself, small n). Columns and w: the k = top_desc largest (all when
+// top_desc <= 0), largest first. product() forms Z with two GEMMs on the tensors' device.
+struct StedcFactored {
+  at::Tensor Z1, Z2, ST;
+  at::Tensor product() const;
+};
+StedcFactored stedc_factored(std::vector<double> d, std::vector<double> e, at::ScalarType dtype,
+                             std::vector<double>& w, int64_t top_desc = 0);
 
 // Whole solver; eigenvalues descending; top > 0 keeps only the top eigenpairs.
 std::tuple<at::Tensor, at::Tensor> eigh_twostage(const at::Tensor& A, int64_t band, int64_t top);

@@ -10,8 +10,10 @@
 //      recurrence runs on the host (one small copy per panel);
 //   2. band -> tridiagonal: the bulge-chasing kernel (eigh_bulge.cu) on a compact band buffer,
 //      reflectors recorded in blocked layout;
-//   3. tridiagonal -> eigenpairs: divide and conquer on the host (stedc, csrc/cpu/eigh_tridiag.cpp,
-//      double scalars), only the wanted top-k columns go back to the device;
+//   3. tridiagonal -> eigenpairs: divide and conquer on the host (stedc_factored,
+//      csrc/cpu/eigh_tridiag.cpp, double scalars) up to the top-level merge, whose product
+//      diag(Z1, Z2) ST^T (3/4 of the stage's flops) runs on the GPU: only the halves'
+//      eigenvectors and the merge's coefficients for the wanted top-k columns cross over;
 //   4. back-transformations Z <- Q1 Q2 Z: blocked WY GEMMs on the GPU (sb2st_blocks_apply,
 //      sy2sb_apply).
 // Everything runs on the caller's current stream; the batched driver gives each decomposition
@@ -30,9 +32,6 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <exception>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include "../cpu/eigh_twostage.h"
@@ -85,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage_cuda(const at::Tensor& A_in, in
 
 namespace {
 
-// Several decompositions in flight: `workers` host threads (default min(m, 4)), each with its own
-// pool stream, pull jobs largest first (n^3 cost, longest-processing-time-first). The pool
+// Several decompositions in flight: `workers` host threads (default min(m, 4); the caller's
+// thread is one of them), each with its own pool stream, pull jobs largest first (n^3 cost, longest-processing-time-first). The pool
 // streams wait for the caller's stream before starting; results are recorded on the caller's
 // stream so the caching allocator does not reuse them early, and every worker stream is
 // synchronized before returning.
@@ -112,37 +111,31 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_cuda(at::Te
     for (int64_t i : order) std::tie(W[i], Z[i]) = eigh_twostage_cuda(As[i], band, top);
     return {W, Z};
   }
+  // The pool streams start after the work queued so far on the caller's stream (the inputs).
   cudaEvent_t ready;
   C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+  struct DestroyOnExit {
+    cudaEvent_t e;
+    ~DestroyOnExit() { cudaEventDestroy(e); }
+  } destroy_ready{ready};
   C10_CUDA_CHECK(cudaEventRecord(ready, caller.stream()));
   std::vector<at::Tensor> inputs(As.begin(), As.end());
   std::atomic<int64_t> next{0};
-  std::exception_ptr err;
-  std::mutex mu;
-  auto work = [&]() {
-    try {
-      const c10::cuda::CUDAGuard g(dev);
-      const c10::cuda::CUDAStream st = c10::cuda::getStreamFromPool(false, dev.index());
-      C10_CUDA_CHECK(cudaStreamWaitEvent(st.stream(), ready, 0));
-      const c10::cuda::CUDAStreamGuard sg(st);
-      for (int64_t t; (t = next.fetch_add(1)) < m;) {
-        const int64_t i = order[t];
-        auto [w, z] = eigh_twostage_cuda(inputs[i], band, top);
-        w.record_stream(caller);
-        z.record_stream(caller);
-        W[i] = w, Z[i] = z;
-      }
-      st.synchronize();
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(mu);
-      if (!err) err = std::current_exception();
+  // A failed job ends its worker; the others finish the queue, then the first error is rethrown.
+  run_concurrently(workers, [&](int64_t) {
+    const c10::cuda::CUDAGuard g(dev);
+    const c10::cuda::CUDAStream st = c10::cuda::getStreamFromPool(false, dev.index());
+    C10_CUDA_CHECK(cudaStreamWaitEvent(st.stream(), ready, 0));
+    const c10::cuda::CUDAStreamGuard sg(st);
+    for (int64_t t; (t = next.fetch_add(1)) < m;) {
+      const int64_t i = order[t];
+      auto [w, z] = eigh_twostage_cuda(inputs[i], band, top);
+      w.record_stream(caller);
+      z.record_stream(caller);
+      W[i] = w, Z[i] = z;
     }
-  };
-  std::vector<std::thread> pool;
-  for (int64_t t = 0; t < workers; ++t) pool.emplace_back(work);
-  for (auto& th : pool) th.join();
-  C10_CUDA_CHECK(cudaEventDestroy(ready));
-  if (err) std::rethrow_exception(err);
+    st.synchronize();
+  });
   return {W, Z};
 }
 
