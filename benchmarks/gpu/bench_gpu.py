@@ -354,18 +354,25 @@ def bench_grouped(res: Results, budget: Budget, T=16384) -> None:
     torch.cuda.empty_cache()
 
 
-def bench_eigh(res: Results, budget: Budget, sizes=(4096, 8192, 11008, 16384), batch=32) -> None:
+def bench_eigh(res: Results, budget: Budget, sizes=(4096, 8192, 11008, 16384), batch=32, batch_n=4096,
+               large=32768, device="cuda") -> None:
     """fp32 eigendecompositions: torch.linalg.eigh (cuSOLVER syevd) vs curvfast's CUDA two-stage
     solver (torch.ops.curvfast.eigh_twostage, csrc/cuda/eigh_*.cu), same matrices, same run; then a
-    batch of `batch` x n=4096: a torch loop vs curvfast's batched driver (streams). Each solver of
-    each case catches its own failure (cuSOLVER is reported to fail above n ~ 25k)."""
-    if os.environ.get("CURVFAST_BENCH_EIGH_32K") == "1":
-        sizes = tuple(sizes) + (32768,)
+    batch of `batch` x n=`batch_n`: a torch loop vs curvfast's batched driver (streams); then n = `large`
+    (issue 4: it must complete; ours first, torch only if its n^3 extrapolation fits the budget).
+    Each solver of each case catches its own failure (cuSOLVER is reported to fail above n ~ 25k).
+    A solve that took under 4 s is repeated once and the faster run kept (the first call at a size
+    also pays allocator growth). CURVFAST_EIGH_PROFILE=1 makes our solver print its stage times to
+    stderr (bench.log). device="cpu" (--smoke) runs the same logic on small CPU cases."""
+    os.environ.setdefault("CURVFAST_EIGH_PROFILE", "1")
+    on_gpu = device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    empty_cache = torch.cuda.empty_cache if on_gpu else (lambda: None)
     ours = None
     try:
         from curvfast import eigen
 
-        ok, why = eigen.eigh_backend_status()["cuda"]
+        ok, why = eigen.eigh_backend_status()["cuda" if on_gpu else "cpp"]
         if ok:
             ours = torch.ops.curvfast
         else:
@@ -373,40 +380,49 @@ def bench_eigh(res: Results, budget: Budget, sizes=(4096, 8192, 11008, 16384), b
     except Exception as e:  # noqa: BLE001
         res.error("eigh curvfast import", e)
     try:
-        a = torch.randn(512, 512, device="cuda")
+        a = torch.randn(512, 512, device=device)
         a = a @ a.t()
         torch.linalg.eigh(a)  # load cuSOLVER, make the workspace
         if ours is not None:
             ours.eigh_twostage(a, 0, 0)  # cuSOLVER geqrf / cuBLAS handles on this stream
-        torch.cuda.synchronize()
+        sync()
     except Exception as e:  # noqa: BLE001
         res.error("eigh warm-up", e)
         return
 
     def matrix(n, seed=0):
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        x = torch.randn(n, n, device="cuda", generator=g) / math.sqrt(n)
+        g = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(n, n, device=device, generator=g) / math.sqrt(n)
         A = x @ x.t()
         return (A + A.t()) / 2
 
     def check(A, evals, Q):
         n = A.shape[0]
         resid = ((A @ Q - Q * evals).norm() / A.norm()).item()
-        orth = (Q.t() @ Q - torch.eye(n, device="cuda")).norm().item() / math.sqrt(n)
+        orth = (Q.t() @ Q - torch.eye(n, device=device)).norm().item() / math.sqrt(n)
         return resid, orth
 
     def wall(fn):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.time()
         out = fn()
-        torch.cuda.synchronize()
+        sync()
         return time.time() - t0, out
 
-    solvers = [("torch", torch.linalg.eigh)]
+    solvers = []
     if ours is not None:
         solvers.append(("curvfast", lambda A: ours.eigh_twostage(A, 0, 0)))
+    solvers.append(("torch", torch.linalg.eigh))
     last: dict[str, tuple[int, float]] = {}  # solver -> (n, seconds) to extrapolate n^3
-    for n in sizes:
+
+    def finish(row):
+        if row.get("seconds") and row.get("curvfast_seconds"):
+            row["speedup"] = row["seconds"] / row["curvfast_seconds"]
+        print(f"[bench] eigh {row}", flush=True)
+        empty_cache()
+        res.flush()
+
+    def one_size(n, margin_s):
         row = {"case": f"n={n}", "n": n, "dtype": "float32"}
         res.data["eigh"].append(row)
         A = None
@@ -414,71 +430,88 @@ def bench_eigh(res: Results, budget: Budget, sizes=(4096, 8192, 11008, 16384), b
             key = "" if name == "torch" else "curvfast_"
             if name in last:
                 guess = last[name][1] * (n / last[name][0]) ** 3
-                if guess > budget.left() - 15:
+                if guess > budget.left() - margin_s:
                     res.data["errors"].append({"case": f"eigh n={n} {name}", "error": f"skipped: time budget (~{guess:.0f} s)"})
                     continue
             try:
                 A = matrix(n) if A is None else A
+                print(f"[bench] eigh n={n} {name} ...", flush=True)
                 sec, (evals, Q) = wall(lambda: fn(A))
+                row[key + "first_seconds"] = sec
+                if sec < 4 and budget.left() > 3 * sec + margin_s:
+                    del evals, Q
+                    again, (evals, Q) = wall(lambda: fn(A))
+                    sec = min(sec, again)
                 last[name] = (n, sec)
                 row[key + "seconds"] = sec
                 row[key + "residual"], row[key + "orthogonality"] = check(A, evals, Q)
                 del evals, Q
             except Exception as e:  # noqa: BLE001
                 res.error(f"eigh n={n} {name}", e)
-            torch.cuda.empty_cache()
-        if row.get("seconds") and row.get("curvfast_seconds"):
-            row["speedup"] = row["seconds"] / row["curvfast_seconds"]
-        print(f"[bench] eigh {row}", flush=True)
+            empty_cache()
         del A
-        torch.cuda.empty_cache()
-        res.flush()
-    n = 4096
+        finish(row)
+
+    for n in sizes:
+        one_size(n, margin_s=15)
+
+    n = batch_n
     per = {k: v[1] * (n / v[0]) ** 3 for k, v in last.items()}
     row = {"case": f"batch {batch} x n={n}", "n": n, "count": batch, "dtype": "float32"}
     if sum(per.values()) * batch > budget.left() - 20:
         res.data["errors"].append({"case": row["case"], "error": f"skipped: time budget (~{sum(per.values()) * batch:.0f} s)"})
-        return
-    res.data["eigh"].append(row)
-    try:
-        mats = [matrix(n, seed=i) for i in range(batch)]
-    except Exception as e:  # noqa: BLE001
-        res.error("eigh batch setup", e)
-        return
-
-    def worst(outs):
-        r = [check(m, e, q) for m, (e, q) in zip(mats, outs)]
-        return max(x[0] for x in r), max(x[1] for x in r)
-
-    try:
-        sec, outs = wall(lambda: [torch.linalg.eigh(m) for m in mats])
-        row["seconds"] = sec
-        row["residual"], row["orthogonality"] = worst(outs)
-        del outs
-    except Exception as e:  # noqa: BLE001
-        res.error("eigh batch torch loop", e)
-    if ours is not None:
+    else:
+        res.data["eigh"].append(row)
         try:
-            sec, (ws, zs) = wall(lambda: ours.eigh_twostage_batched(mats, 0, 0, 0))
-            row["curvfast_seconds"] = sec
-            row["curvfast_residual"], row["curvfast_orthogonality"] = worst(list(zip(ws, zs)))
-            del ws, zs
+            mats = [matrix(n, seed=i) for i in range(batch)]
         except Exception as e:  # noqa: BLE001
-            res.error("eigh batch curvfast", e)
-    if row.get("seconds") and row.get("curvfast_seconds"):
-        row["speedup"] = row["seconds"] / row["curvfast_seconds"]
-    print(f"[bench] eigh {row}", flush=True)
-    del mats
-    torch.cuda.empty_cache()
-    res.flush()
+            res.error("eigh batch setup", e)
+            mats = None
+
+        def worst(outs):
+            r = [check(m, e, q) for m, (e, q) in zip(mats, outs)]
+            return max(x[0] for x in r), max(x[1] for x in r)
+
+        if mats is not None:
+            os.environ.pop("CURVFAST_EIGH_PROFILE", None)  # set at all = on; no per-stage syncs in the streams
+            try:
+                sec, outs = wall(lambda: [torch.linalg.eigh(m) for m in mats])
+                row["seconds"] = sec
+                row["residual"], row["orthogonality"] = worst(outs)
+                del outs
+            except Exception as e:  # noqa: BLE001
+                res.error("eigh batch torch loop", e)
+            if ours is not None:
+                try:
+                    sec, (ws, zs) = wall(lambda: ours.eigh_twostage_batched(mats, 0, 0, 0))
+                    row["curvfast_seconds"] = sec
+                    row["curvfast_residual"], row["curvfast_orthogonality"] = worst(list(zip(ws, zs)))
+                    del ws, zs
+                except Exception as e:  # noqa: BLE001
+                    res.error("eigh batch curvfast", e)
+            del mats
+            finish(row)
+    if large:
+        os.environ["CURVFAST_EIGH_PROFILE"] = "1"
+        one_size(large, margin_s=5)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or "benchmarks/results/gpu")
     p.add_argument("--deadline", type=float, default=None, help="epoch seconds by which to stop starting cases")
-    p.add_argument("--only", default="covariance,accuracy,grouped,collect,eigh", help="comma list of sections")
+    p.add_argument("--only", default="eigh,covariance,accuracy,grouped,collect",
+                   help="comma list of sections, run in this order (eigh first: the open issue)")
+    p.add_argument("--smoke", action="store_true",
+                   help="check this script without a GPU: the eigh section on small CPU cases (C++ solver vs "
+                        "torch), into --out; the numbers mean nothing")
     args = p.parse_args(argv)
+    if args.smoke:
+        res = Results(args.out, {"smoke": "CPU dry run of the eigh section; timings are not GPU results"})
+        bench_eigh(res, Budget(None), sizes=(64, 200), batch=3, batch_n=128, large=300, device="cpu")
+        res.flush()
+        print(res.markdown())
+        return 0 if not res.data["errors"] else 1
     if not torch.cuda.is_available():
         print("bench_gpu: no CUDA device visible (torch.cuda.is_available() is False); nothing to benchmark, skipping.")
         return 0
