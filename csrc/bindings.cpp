@@ -25,7 +25,7 @@ TORCH_LIBRARY(curvfast, m) {
   m.def("eigh_sy2sb(Tensor A, int band) -> (Tensor, Tensor)");
   m.def("eigh_sb2st(Tensor B, int band) -> (Tensor, Tensor, Tensor)");
   m.def("eigh_stedc(Tensor d, Tensor e) -> (Tensor, Tensor)");
-  m.def("eigh_stedc_factored(Tensor d, Tensor e, int top=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("eigh_stedc_factored(Tensor d, Tensor e, int top=0, int depth=1) -> (Tensor, Tensor, Tensor)");
   // CPU emulation of the CUDA bulge-chasing kernel (csrc/cpu/eigh_emulate.cpp): same window phases,
   // `threads` per block, `workers` blocks in flight. d, e, explicit Q2, raw V (G, 2b, b), tau (G, b).
   m.def("eigh_sb2st_emulate(Tensor B, int band, int workers=1, int threads=32) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

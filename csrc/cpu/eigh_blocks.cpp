@@ -139,14 +139,17 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage_blocked(const at::Tensor& A_in,
   band_tridiagonal(buf, d, e);  // on CUDA: waits for the chase
   buf.reset();
   mark("band->tri");
-  // On the host, the k largest, largest first; the top-level merge's product (3/4 of the stage's
-  // flops) is left to A's device, where its operands go.
-  StedcFactored f = stedc_factored(std::move(d), std::move(e), dt, w, k);
-  for (at::Tensor* t : {&f.Z1, &f.Z2, &f.ST})
-    if (t->defined()) *t = t->to(A_in.device());
+  // On the host, the k largest, largest first, down to subproblems of ~1024 rows; the products
+  // of the merges above them (all but ~1024/n of the stage's flops) are left to A's device,
+  // where their operands go.
+  int depth = 1;
+  while ((n >> depth) > 1024) ++depth;
+  StedcFactored f = stedc_factored(std::move(d), std::move(e), dt, w, k, depth);
+  mark("D&C host");
+  f.to(A_in.device());
   at::Tensor Zk = f.product().contiguous();
   f = {};
-  mark("tridiag D&C");
+  mark("D&C products");
   sb2st_blocks_apply(q, Zk);
   mark("apply Q2");
   sy2sb_apply(r1, Zk);

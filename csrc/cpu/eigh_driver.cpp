@@ -31,23 +31,6 @@ void check_square(const at::Tensor& A, const char* what) {
               "; use backend='torch' or 'auto' for other devices");
 }
 
-// CURVFAST_EIGH_PROFILE=1 prints the time of each stage to stderr.
-struct StageClock {
-  bool on = std::getenv("CURVFAST_EIGH_PROFILE") != nullptr;
-  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
-  std::clock_t c = std::clock();
-  // Wall time, and the process CPU time (all threads, spinning included) over the same span.
-  void lap(const char* what, int64_t n) {
-    if (!on) return;
-    const auto now = std::chrono::steady_clock::now();
-    const std::clock_t cnow = std::clock();
-    std::fprintf(stderr, "eigh_twostage n=%lld %-12s %.3f s (cpu %.3f s)\n", (long long)n, what,
-                 std::chrono::duration<double>(now - t).count(), double(cnow - c) / CLOCKS_PER_SEC);
-    t = now;
-    c = cnow;
-  }
-};
-
 // Wider bands make the chase (~n^2 b) dearer but the back-transformation of its reflectors
 // (blocks of 32 sweeps, padding (b+31)/b) and stage 1 cheaper. Interleaved medians at n = 4096
 // (2 cores): b = 64 3.61 s, 96 3.44-3.47 s, 128 3.42 s; n = 2048: 64 0.540 s, 96 0.525 s.
@@ -98,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage(const at::Tensor& A_in, int64_t
   if (n < kSerialBelow) serial.emplace(1);
   at::Tensor A = symmetrize(A_in);
   const int64_t b = std::max<int64_t>(1, std::min(band > 0 ? band : auto_band(n), std::max<int64_t>(n - 1, 1)));
-  StageClock clk;
+  HostStageClock clk;
   Sy2sbReflectors r1;
   at::Tensor B = sy2sb(A, b, r1);
   clk.lap("dense->band", n);
@@ -180,16 +163,16 @@ std::tuple<at::Tensor, at::Tensor> stedc_op(const at::Tensor& d, const at::Tenso
   return {vec(w, dt), Z};
 }
 
-// w (the top largest, descending; all when top <= 0), Z1, Z2, ST of stedc_factored; an undefined
-// factor comes back as a (0, 0) tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stedc_factored_op(const at::Tensor& d, const at::Tensor& e,
-                                                                             int64_t top) {
+// stedc_factored to `depth` levels: w (the top largest, descending; all when top <= 0), Z formed
+// from the tree with its GEMMs, and the leaves' sizes (the tree's shape).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stedc_factored_op(const at::Tensor& d, const at::Tensor& e,
+                                                                 int64_t top, int64_t depth) {
   std::vector<double> dv, ev;
   const auto dt = tridiagonal_input(d, e, "eigh_stedc_factored", dv, ev);
+  TORCH_CHECK(depth >= 0 && depth <= 30, "eigh_stedc_factored: depth must be in 0..30, got ", depth);
   std::vector<double> w;
-  StedcFactored f = stedc_factored(dv, ev, dt, w, top);
-  auto or_empty = [&](const at::Tensor& t) { return t.defined() ? t : at::empty({0, 0}, at::TensorOptions().dtype(dt)); };
-  return {vec(w, dt), or_empty(f.Z1), or_empty(f.Z2), or_empty(f.ST)};
+  StedcFactored f = stedc_factored(dv, ev, dt, w, top, (int)depth);
+  return {vec(w, dt), f.product(), at::tensor(f.leaves(), at::kLong)};
 }
 
 // Several decompositions in flight: `workers` threads pull jobs largest-first (n^3 cost), each

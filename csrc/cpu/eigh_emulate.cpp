@@ -93,12 +93,14 @@ std::tuple<at::Tensor, at::Tensor> twostage_emulate_op(const at::Tensor& A, int6
   TORCH_CHECK(A.device().is_cpu(), "eigh_twostage_emulate: runs on CPU tensors, got ", A.device());
   TORCH_CHECK(threads >= 1 && threads <= 1024, "eigh_twostage_emulate: threads must be in 1..1024, got ", threads);
   const int64_t n = A.size(0);
-  return eigh_twostage_blocked(A, band > 0 ? band : (n >= 1536 ? 64 : 32), top,
-                               [&](at::Tensor& buf, Sb2stBlocks& q) {
-                                 AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "eigh_twostage_emulate", [&] {
-                                   chase_emulate<scalar_t>(buf, q, workers, (int)threads);
-                                 });
-                               });
+  HostStageClock clk;
+  return eigh_twostage_blocked(
+      A, band > 0 ? band : (n >= 1536 ? 64 : 32), top,
+      [&](at::Tensor& buf, Sb2stBlocks& q) {
+        AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "eigh_twostage_emulate",
+                                   [&] { chase_emulate<scalar_t>(buf, q, workers, (int)threads); });
+      },
+      [&](const char* what) { clk.lap(what, n); });
 }
 
 }  // namespace

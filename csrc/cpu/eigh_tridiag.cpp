@@ -23,6 +23,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <numeric>
 
 namespace curvfast {
@@ -389,20 +390,21 @@ at::Tensor merge_coefficients(int64_t n, const MergeParts& mp, const std::vector
   return ST;
 }
 
-// The two halves of a tear at m = n/2: T = diag(T1', T2') + rho v v^T, each half solved by dc
-// (all eigenpairs, ascending); D their eigenvalues, z the tear vector in their eigenbasis.
+// The two halves of a tear at m = n/2: T = diag(T1', T2') + rho v v^T, each half solved by
+// `solve` (all eigenpairs, ascending; Child: their eigenvectors, explicit or factored) and
+// `row(child, r)` giving row r of a child's eigenvectors in double. D: the halves' eigenvalues,
+// z the tear vector in their eigenbasis.
+template <typename Child>
 struct Halves {
   int64_t m = 0;
-  at::Tensor Q1, Q2;
+  Child left, right;
   std::vector<double> D, z;
   double rho = 0;
 };
 
-at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, std::vector<double>& w,
-              bool split, int64_t kd);
-
-Halves solve_halves(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, bool split) {
-  Halves h;
+template <typename Child, typename Solve, typename Row>
+Halves<Child> solve_halves(const double* d, const double* e, int64_t n, bool split, Solve solve, Row row) {
+  Halves<Child> h;
   const int64_t m = n / 2;
   h.m = m;
   const double beta = e[m - 1];
@@ -411,31 +413,47 @@ Halves solve_halves(const double* d, const double* e, int64_t n, at::ScalarType 
   d1[m - 1] -= h.rho;
   d2[0] -= h.rho;
   std::vector<double> w1, w2;
+  auto half = [&](int64_t t) {
+    if (t == 0)
+      h.right = solve(d2.data(), e + m, n - m, w2);
+    else
+      h.left = solve(d1.data(), e, m, w1);
+  };
   if (split) {
-    // The two halves on two threads, each with half of the BLAS threads (at least one; and none
-    // beyond one per 1024 rows: below the top merge the GEMMs are small and the recursion is
-    // serial, so two cores each working alone beat both sharing every GEMM, no barriers).
-    const int per = (int)std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() / 2, m / 1024));
+    // The two halves on two threads, each with half of the BLAS threads: below the top merge
+    // the GEMMs are small and the recursion is serial, so on two cores each working alone beats
+    // both sharing every GEMM (no barriers).
+    const int per = std::max(1, at::get_num_threads() / 2);
     run_concurrently(2, [&](int64_t t) {
       SingleThreadedBlas guard(per);
-      if (t == 0)
-        h.Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2, false, 0);
-      else
-        h.Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false, 0);
+      half(t);
     });
   } else {
-    h.Q1 = dc(d1.data(), e, m, dt, eps_s, w1, false, 0);
-    h.Q2 = dc(d2.data(), e + m, n - m, dt, eps_s, w2, false, 0);
+    half(1);
+    half(0);
   }
   h.D = w1;
   h.D.insert(h.D.end(), w2.begin(), w2.end());
   h.z.resize(n);
-  at::Tensor r1 = h.Q1.select(0, m - 1).to(at::kDouble).contiguous();
-  at::Tensor r2 = h.Q2.select(0, 0).to(at::kDouble).contiguous();
+  at::Tensor r1 = row(h.left, m - 1).contiguous();
+  at::Tensor r2 = row(h.right, 0).contiguous();
   const double sg = beta < 0 ? -1.0 : 1.0;
   for (int64_t i = 0; i < m; ++i) h.z[i] = r1.data_ptr<double>()[i];
   for (int64_t i = 0; i < n - m; ++i) h.z[m + i] = sg * r2.data_ptr<double>()[i];
   return h;
+}
+
+at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, std::vector<double>& w,
+              bool split, int64_t kd);
+
+Halves<at::Tensor> dense_halves(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s,
+                                bool split) {
+  return solve_halves<at::Tensor>(
+      d, e, n, split,
+      [&](const double* dh, const double* eh, int64_t nh, std::vector<double>& wh) {
+        return dc(dh, eh, nh, dt, eps_s, wh, false, 0);
+      },
+      [](const at::Tensor& Q, int64_t r) { return Q.select(0, r).to(at::kDouble); });
 }
 
 // Leaf of the recursion (n <= kLeaf), output as dc's.
@@ -460,12 +478,12 @@ std::vector<int64_t> ascending(const std::vector<double>& v) {
 at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, std::vector<double>& w,
               bool split, int64_t kd) {
   if (n <= kLeaf) return dc_leaf(d, e, n, dt, w, kd);
-  Halves h = solve_halves(d, e, n, dt, eps_s, split);
+  Halves<at::Tensor> h = dense_halves(d, e, n, dt, eps_s, split);
   const int64_t m = h.m;
-  at::Tensor Q = at::zeros({n, n}, h.Q1.options());
-  Q.narrow(0, 0, m).narrow(1, 0, m).copy_(h.Q1);
-  Q.narrow(0, m, n - m).narrow(1, m, n - m).copy_(h.Q2);
-  h.Q1.reset(), h.Q2.reset();
+  at::Tensor Q = at::zeros({n, n}, h.left.options());
+  Q.narrow(0, 0, m).narrow(1, 0, m).copy_(h.left);
+  Q.narrow(0, m, n - m).narrow(1, m, n - m).copy_(h.right);
+  h.left.reset(), h.right.reset();
   if (h.rho == 0) {
     // Decoupled halves: just sort.
     const std::vector<int64_t> perm = ascending(h.D);
@@ -476,6 +494,39 @@ at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, do
     return out;
   }
   return merge(h.D, h.z, h.rho, Q, m, eps_s, w, kd);
+}
+
+// dc with the products of the top `depth` levels of merges left undone (StedcFactored); below,
+// plain dc. Output columns and w as dc's.
+StedcFactored factored(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s,
+                       std::vector<double>& w, bool split, int64_t kd, int depth) {
+  StedcFactored f;
+  if (depth <= 0 || n <= kLeaf) {
+    f.Z = dc(d, e, n, dt, eps_s, w, split, kd);
+    return f;
+  }
+  Halves<StedcFactored> h = solve_halves<StedcFactored>(
+      d, e, n, split,
+      [&](const double* dh, const double* eh, int64_t nh, std::vector<double>& wh) {
+        return factored(dh, eh, nh, dt, eps_s, wh, false, 0, depth - 1);
+      },
+      [](const StedcFactored& c, int64_t r) { return c.row(r); });
+  f.left = std::make_shared<StedcFactored>(std::move(h.left));
+  f.right = std::make_shared<StedcFactored>(std::move(h.right));
+  if (h.rho == 0) {
+    MergeParts mp;  // decoupled halves: every column "deflated", just sorted
+    mp.perm = ascending(h.D);
+    mp.defl.resize(n);
+    std::iota(mp.defl.begin(), mp.defl.end(), 0);
+    f.ST = merge_coefficients(n, mp, {}, kd, dt);
+    output_values(h.D, mp.perm, kd, w);
+    return f;
+  }
+  std::vector<Rotation> rots;
+  MergeParts mp = merge_parts(h.D, h.z, h.rho, h.m, eps_s, dt, [&](const Rotation& g) { rots.push_back(g); });
+  f.ST = merge_coefficients(n, mp, rots, kd, dt);
+  output_values(mp.lam, mp.perm, kd, w);
+  return f;
 }
 
 // stedc's scaling of (d, e) to max |entry| = 1 around `solve`, which fills w; w is scaled back.
@@ -513,44 +564,55 @@ at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dt
 }
 
 StedcFactored stedc_factored(std::vector<double> d, std::vector<double> e, at::ScalarType dtype,
-                             std::vector<double>& w, int64_t top_desc) {
+                             std::vector<double>& w, int64_t top_desc, int depth) {
   const int64_t n = (int64_t)d.size();
   const int64_t kd = top_desc > 0 ? std::min(top_desc, n) : n;
-  StedcFactored f;
-  if (n <= kLeaf) {
-    f.Z1 = stedc(std::move(d), std::move(e), dtype, w, kd);
+  if (n <= kLeaf || depth <= 0) {
+    StedcFactored f;
+    f.Z = stedc(std::move(d), std::move(e), dtype, w, kd);
     return f;
   }
   return scaled(d, e, w, [&] {
-    const double eps_s = eps_of(dtype);
-    Halves h = solve_halves(d.data(), e.data(), n, dtype, eps_s, split_top(n));
-    f.Z1 = std::move(h.Q1);
-    f.Z2 = std::move(h.Q2);
-    if (h.rho == 0) {
-      MergeParts mp;  // decoupled halves: every column "deflated", just sorted
-      mp.perm = ascending(h.D);
-      mp.defl.resize(n);
-      std::iota(mp.defl.begin(), mp.defl.end(), 0);
-      f.ST = merge_coefficients(n, mp, {}, kd, dtype);
-      output_values(h.D, mp.perm, kd, w);
-      return f;
-    }
-    std::vector<Rotation> rots;
-    MergeParts mp = merge_parts(h.D, h.z, h.rho, h.m, eps_s, dtype, [&](const Rotation& g) { rots.push_back(g); });
-    f.ST = merge_coefficients(n, mp, rots, kd, dtype);
-    output_values(mp.lam, mp.perm, kd, w);
-    return f;
+    return factored(d.data(), e.data(), n, dtype, eps_of(dtype), w, split_top(n), kd, depth);
   });
 }
 
+int64_t StedcFactored::rows() const { return ST.defined() ? ST.size(1) : Z.size(0); }
+
+at::Tensor StedcFactored::row(int64_t r) const {
+  if (!ST.defined()) return Z.select(0, r).to(at::kDouble);
+  const int64_t ml = left->rows();
+  const bool top = r < ml;
+  at::Tensor x = top ? left->row(r) : right->row(r - ml);
+  at::Tensor S = top ? ST.narrow(1, 0, ml) : ST.narrow(1, ml, ST.size(1) - ml);
+  return at::mv(S, x.to(S.scalar_type())).to(at::kDouble);
+}
+
+void StedcFactored::to(const at::Device& device) {
+  if (Z.defined()) Z = Z.to(device);
+  if (ST.defined()) ST = ST.to(device);
+  if (left) left->to(device);
+  if (right) right->to(device);
+}
+
 at::Tensor StedcFactored::product() const {
-  if (!ST.defined()) return Z1;
-  const int64_t m = Z1.size(0), n = m + Z2.size(0);
-  at::Tensor Z = at::empty({n, ST.size(0)}, Z1.options());
-  at::Tensor top = Z.narrow(0, 0, m), bot = Z.narrow(0, m, n - m);
-  at::mm_out(top, Z1, ST.narrow(1, 0, m).t());
-  at::mm_out(bot, Z2, ST.narrow(1, m, n - m).t());
-  return Z;
+  if (!ST.defined()) return Z;
+  const int64_t n = ST.size(1), ml = left->rows();
+  at::Tensor out = at::empty({n, ST.size(0)}, ST.options());
+  {
+    at::Tensor top = out.narrow(0, 0, ml);
+    at::mm_out(top, left->product(), ST.narrow(1, 0, ml).t());
+  }
+  at::Tensor bot = out.narrow(0, ml, n - ml);
+  at::mm_out(bot, right->product(), ST.narrow(1, ml, n - ml).t());
+  return out;
+}
+
+std::vector<int64_t> StedcFactored::leaves() const {
+  if (!ST.defined()) return {Z.size(0)};
+  std::vector<int64_t> out = left->leaves();
+  for (int64_t v : right->leaves()) out.push_back(v);
+  return out;
 }
 
 }  // namespace eigh2

@@ -17,8 +17,13 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
 #include <functional>
+#include <memory>
 #include <vector>
 
 namespace curvfast {
@@ -53,6 +58,23 @@ struct SingleThreadedBlas {
 
  private:
   int omp_threads_ = 0, mkl_threads_ = 0;
+};
+
+// CURVFAST_EIGH_PROFILE (set at all) prints the time of each stage to stderr: wall time, and the
+// process CPU time (all threads, spinning included) over the same span.
+struct HostStageClock {
+  bool on = std::getenv("CURVFAST_EIGH_PROFILE") != nullptr;
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  std::clock_t c = std::clock();
+  void lap(const char* what, int64_t n) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    const std::clock_t cnow = std::clock();
+    std::fprintf(stderr, "eigh_twostage n=%lld %-12s %.3f s (cpu %.3f s)\n", (long long)n, what,
+                 std::chrono::duration<double>(now - t).count(), double(cnow - c) / CLOCKS_PER_SEC);
+    t = now;
+    c = cnow;
+  }
 };
 
 // body(0) on the calling thread and body(1) .. body(count - 1) on threads of their own; joins all
@@ -125,16 +147,23 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage_blocked(const at::Tensor& A, in
 at::Tensor stedc(std::vector<double> d, std::vector<double> e, at::ScalarType dtype,
                  std::vector<double>& w, int64_t top_desc = 0);
 
-// Stage 3 without its last product: Z = diag(Z1, Z2) ST^T, Z1 (m, m) and Z2 (n-m, n-m) the
-// eigenvectors of the two halves of the top-level tear and ST (k, n) the top merge's coefficients
-// (ST undefined: Z1 is Z itself, small n). Columns and w: the k = top_desc largest (all when
-// top_desc <= 0), largest first. product() forms Z with two GEMMs on the tensors' device.
+// Stage 3 with the products of the top `depth` levels of merges left undone: a node is a leaf
+// (Z, its eigenvectors) or a merge, Z = diag(Z_left, Z_right) ST^T with ST (k, n) the merge's
+// coefficients (U with the deflation rotations folded in). The top level holds 3/4 of the
+// stage's flops, the top L levels 1 - 4^-L: they run where the eigenvectors are wanted (the GPU,
+// for the CUDA solver). Columns and w: the k = top_desc largest (all when top_desc <= 0),
+// largest first at the root, all ascending below.
 struct StedcFactored {
-  at::Tensor Z1, Z2, ST;
-  at::Tensor product() const;
+  at::Tensor Z, ST;
+  std::shared_ptr<StedcFactored> left, right;
+  int64_t rows() const;
+  at::Tensor row(int64_t r) const;      // row r of Z, double, without forming Z
+  at::Tensor product() const;           // Z, with GEMMs on the tensors' device
+  void to(const at::Device& device);    // every tensor of the tree
+  std::vector<int64_t> leaves() const;  // the leaves' sizes, left to right
 };
 StedcFactored stedc_factored(std::vector<double> d, std::vector<double> e, at::ScalarType dtype,
-                             std::vector<double>& w, int64_t top_desc = 0);
+                             std::vector<double>& w, int64_t top_desc = 0, int depth = 1);
 
 // Whole solver; eigenvalues descending; top > 0 keeps only the top eigenpairs.
 std::tuple<at::Tensor, at::Tensor> eigh_twostage(const at::Tensor& A, int64_t band, int64_t top);
