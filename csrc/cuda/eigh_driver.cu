@@ -19,6 +19,7 @@
 // Everything runs on the caller's current stream; the batched driver gives each decomposition
 // in flight its own host thread and pool stream (the host stages of one overlap the GPU stages
 // of the others), and the caching allocator gives each its own workspace.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -121,8 +122,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_cuda(at::Te
   C10_CUDA_CHECK(cudaEventRecord(ready, caller.stream()));
   std::vector<at::Tensor> inputs(As.begin(), As.end());
   std::atomic<int64_t> next{0};
+  // Each worker's host stages (D&C, the small larft recurrences) get an equal share of the cores,
+  // as in the CPU batched driver: every worker with all of them would oversubscribe the host.
+  const int per = std::max(1, at::get_num_threads() / (int)workers);
   // A failed job ends its worker; the others finish the queue, then the first error is rethrown.
   run_concurrently(workers, [&](int64_t) {
+    SingleThreadedBlas threads(per);
     const c10::cuda::CUDAGuard g(dev);
     const c10::cuda::CUDAStream st = c10::cuda::getStreamFromPool(false, dev.index());
     C10_CUDA_CHECK(cudaStreamWaitEvent(st.stream(), ready, 0));
