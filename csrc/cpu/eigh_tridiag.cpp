@@ -10,10 +10,11 @@
 // GEMMs that skip the zero blocks of diag(Q1, Q2). Scalars are double; the eigenvector
 // matrices and GEMMs are in the requested dtype.
 //
-// stedc_factored stops before the top-level merge's GEMMs and returns their operands: the halves'
-// eigenvectors and the merge's coefficients (U with the deflation rotations folded in), so that
-// the n^3 of that last product (3/4 of the stage's flops) runs where the eigenvectors are wanted,
-// on the GPU for the CUDA solver.
+// stedc_factored leaves the GEMMs of the top levels of merges undone and returns their operands
+// as a tree: the subproblems' eigenvectors and each merge's coefficients (U with the deflation
+// rotations folded in), so that those products (3/4 of the stage's flops for the top level,
+// 1 - 4^-L for the top L) run where the eigenvectors are wanted, on the GPU for the CUDA solver.
+// The tear vectors a merge needs are rows of its halves' eigenvectors, taken from the factors.
 #include "eigh_twostage.h"
 
 #include <ATen/ATen.h>

@@ -12,8 +12,9 @@
 // Sb2stReflectors object. The CUDA path (csrc/cuda/eigh_*.cu) runs eigh_twostage_blocked below:
 // the same stage 1 and stage 3, stage 2 as a kernel (one thread block per sweep, sweeps
 // pipelined; window algorithm in eigh_chase.h, shared with a CPU emulation) that records its
-// reflectors directly in blocked layout (Sb2stBlocks). Stage 3 is host code (double), as
-// LAPACK-based GPU solvers also do.
+// reflectors directly in blocked layout (Sb2stBlocks). Stage 3's scalar work (secular
+// equations, the subproblems of ~1024 rows) is host code in double, as in LAPACK-based GPU
+// solvers; the products of its merges run on A's device (stedc_factored).
 #pragma once
 #include <ATen/core/Tensor.h>
 

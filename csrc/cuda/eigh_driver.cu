@@ -10,10 +10,11 @@
 //      recurrence runs on the host (one small copy per panel);
 //   2. band -> tridiagonal: the bulge-chasing kernel (eigh_bulge.cu) on a compact band buffer,
 //      reflectors recorded in blocked layout;
-//   3. tridiagonal -> eigenpairs: divide and conquer on the host (stedc_factored,
-//      csrc/cpu/eigh_tridiag.cpp, double scalars) up to the top-level merge, whose product
-//      diag(Z1, Z2) ST^T (3/4 of the stage's flops) runs on the GPU: only the halves'
-//      eigenvectors and the merge's coefficients for the wanted top-k columns cross over;
+//   3. tridiagonal -> eigenpairs: divide and conquer (stedc_factored, csrc/cpu/eigh_tridiag.cpp):
+//      the host solves the subproblems of ~1024 rows and, for every merge above them, the
+//      secular equations and the merge's coefficients (double scalars); the merges' products
+//      (all but ~1024/n of the stage's flops) run as GEMMs on the GPU. Only the subproblems'
+//      eigenvectors and the coefficients (the wanted top-k columns at the top) cross over;
 //   4. back-transformations Z <- Q1 Q2 Z: blocked WY GEMMs on the GPU (sb2st_blocks_apply,
 //      sy2sb_apply).
 // Everything runs on the caller's current stream; the batched driver gives each decomposition
@@ -86,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage_cuda(const at::Tensor& A_in, in
 namespace {
 
 // Several decompositions in flight: `workers` host threads (default min(m, 4); the caller's
-// thread is one of them), each with its own pool stream, pull jobs largest first (n^3 cost, longest-processing-time-first). The pool
-// streams wait for the caller's stream before starting; results are recorded on the caller's
+// thread is one of them), each with its own pool stream, pull jobs largest first (n^3 cost,
+// longest-processing-time-first). The pool streams wait for the caller's stream before starting; results are recorded on the caller's
 // stream so the caching allocator does not reuse them early, and every worker stream is
 // synchronized before returning.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_cuda(at::TensorList As, int64_t band,
