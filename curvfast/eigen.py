@@ -11,8 +11,10 @@ the reference and the fallback; ``"cpp"`` is the blocked two-stage solver of cur
 back-transformations), which also serves partial spectra (``top=k``) at ~k/n of the
 back-transformation cost and batches (several decompositions in flight, largest first);
 ``"cuda"`` is the same two-stage solver on CUDA tensors (csrc/cuda/eigh_*.cu: band reduction with
-cuSOLVER/cuBLAS, bulge chasing as a CUDA kernel, D&C on the host, GEMM back-transformations;
-batches on several streams), available when curvfast._C was built with CUDA. ``"auto"`` picks
+cuSOLVER/cuBLAS, bulge chasing as a CUDA kernel, D&C with its secular equations on the host and
+its merge products on the GPU, GEMM back-transformations; batches on several streams), available
+when curvfast._C was built with CUDA; its GEMMs run in full float32 whatever the TF32 setting
+(:func:`full_fp32_matmul`). ``"auto"`` picks
 by measurement (benchmarks/results/cpu_eigh.json, idle 2-core host, fp32): on the CPU the C++
 solver for single decompositions with n ≥ 3072 (n = 4096: 0.80x MKL's time) and for partial
 spectra with n ≥ 2048 and top ≤ n/4 (top 10% at 2048: 0.75x MKL's full solve); torch otherwise
@@ -22,6 +24,7 @@ accuracy check falls back to torch (see :func:`eigh`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator, Mapping
@@ -53,18 +56,49 @@ def eigh_ref(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return evals.flip(0), evecs.flip(1)
 
 
+@contextlib.contextmanager
+def full_fp32_matmul(device: torch.device) -> Iterator[None]:
+    """float32 GEMMs in full precision on CUDA for the duration (no TF32, no bf16), the caller's
+    setting restored after. Under torch.backends.cuda.matmul.allow_tf32 or
+    set_float32_matmul_precision("high") an eigensolver's GEMMs and the accuracy check lose three
+    digits: every fp32 solve would fail the check and go to the float64 fallback. Uses the setting
+    that allow_tf32 and set_float32_matmul_precision share; a state torch refuses to read (its
+    legacy and new precision APIs mixed) is left alone, with a warning. The setting is
+    process-wide: other threads' GEMMs run in full precision meanwhile."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    try:
+        prev = torch.get_float32_matmul_precision()
+    except RuntimeError as e:
+        log.warning("curvfast: cannot read the float32 matmul precision (%s); eigendecompositions run "
+                    "with the current setting, and TF32 there fails their accuracy check", e)
+        yield
+        return
+    if prev == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
 def check_eigh(M: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor) -> tuple[float, float]:
     """(relative residual ‖MQ − QΛ‖_F/‖M‖_F, orthogonality ‖QᵀQ − I‖_F/√k), computed in the
-    decomposition's dtype. evecs: (n, k), k = n for a full decomposition, k < n for a partial one."""
+    decomposition's dtype (full-precision float32 GEMMs on CUDA, whatever the TF32 setting).
+    evecs: (n, k), k = n for a full decomposition, k < n for a partial one."""
     n = evecs.shape[1] if evecs.dim() == 2 else M.shape[0]
     if n == 0 or M.shape[0] == 0:
         return 0.0, 0.0
     M = M.to(evecs.dtype)
-    norm = float(torch.linalg.matrix_norm(M))
-    res = float(torch.linalg.matrix_norm(M @ evecs - evecs * evals.unsqueeze(0)))
-    res = res / norm if norm > 0 else res
-    eye = torch.eye(n, dtype=evecs.dtype, device=evecs.device)
-    orth = float(torch.linalg.matrix_norm(evecs.T @ evecs - eye)) / math.sqrt(n)
+    with full_fp32_matmul(evecs.device):
+        norm = float(torch.linalg.matrix_norm(M))
+        res = float(torch.linalg.matrix_norm(M @ evecs - evecs * evals.unsqueeze(0)))
+        res = res / norm if norm > 0 else res
+        eye = torch.eye(n, dtype=evecs.dtype, device=evecs.device)
+        orth = float(torch.linalg.matrix_norm(evecs.T @ evecs - eye)) / math.sqrt(n)
     return res, orth
 
 
@@ -156,7 +190,8 @@ def eigh_twostage(M: torch.Tensor, top: Optional[int] = None, band: int = 0) -> 
         from curvfast.ops import BackendUnavailable
 
         raise BackendUnavailable(f"eigh backend {'cuda' if M.is_cuda else 'cpp'!r} is unavailable: {why}")
-    return op.eigh_twostage(M, band, int(top or 0))
+    with full_fp32_matmul(M.device):
+        return op.eigh_twostage(M, band, int(top or 0))
 
 
 def _solve(work: torch.Tensor, solver: str, top: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,7 +306,8 @@ def eigh_batched(Ms: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None
         for (_, dt, k), idx in groups.items():
             work = [((Ms[i] + Ms[i].T) * 0.5).to(dt) for i in idx]
             try:
-                ws, zs = op.eigh_twostage_batched(work, 0, k, workers)
+                with full_fp32_matmul(work[0].device):
+                    ws, zs = op.eigh_twostage_batched(work, 0, k, workers)
             except RuntimeError as e:
                 log.warning("curvfast: batched eigh failed (%s); decomposing one by one", e)
                 continue

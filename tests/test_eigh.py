@@ -3,6 +3,8 @@ the batched driver and the backend switch. Oracles: float64 torch.linalg.eigh an
 torch path; eigenvectors are compared by residual, orthogonality and subspaces, never by sign."""
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -344,6 +346,45 @@ def test_backend_switch_errors():
         assert eigen_mod.resolve_eigh_backend("cpp", cpu, 2048, top=100) == "cpp"
     status = eigen_mod.eigh_backend_status()
     assert set(status) == {"torch", "cpp", "cuda"} and status["torch"][0]
+
+
+@pytest.mark.parametrize("setting", ["high", "medium", "highest"])
+def test_full_fp32_matmul_turns_tf32_off_and_restores(setting):
+    # TF32 (allow_tf32 / precision "high") would cost the CUDA solver and the accuracy check
+    # three digits: inside, full precision; after, exactly the caller's setting, also on error.
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(setting)
+        with eigen_mod.full_fp32_matmul(torch.device("cuda")):
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == setting
+        with pytest.raises(KeyError):
+            with eigen_mod.full_fp32_matmul(torch.device("cuda")):
+                raise KeyError("inside")
+        assert torch.get_float32_matmul_precision() == setting
+        with eigen_mod.full_fp32_matmul(torch.device("cpu")):  # CPU solves are not TF32: untouched
+            assert torch.get_float32_matmul_precision() == setting
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_full_fp32_matmul_leaves_a_mixed_api_state_alone():
+    # torch refuses to read the precision once its legacy and new APIs were mixed: warn, touch
+    # nothing, run (in a subprocess: the mixed state cannot be undone in this one).
+    code = (
+        "import logging, torch\n"
+        "from curvfast import eigen\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "ran = False\n"
+        "with eigen.full_fp32_matmul(torch.device('cuda')):\n"
+        "    ran = True\n"
+        "assert ran and torch.backends.cuda.matmul.fp32_precision == 'tf32'\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "cannot read the float32 matmul precision" in run.stderr
 
 
 @needs_cpp
