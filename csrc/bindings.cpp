@@ -22,7 +22,7 @@ TORCH_LIBRARY(curvfast, m) {
   m.def("eigh_twostage_batched(Tensor[] As, int band=0, int top=0, int workers=0) -> (Tensor[], Tensor[])");
   // Its stages, for tests: dense -> band (B, explicit Q1); band -> tridiagonal (d, e, explicit
   // Q2); tridiagonal -> eigenpairs (ascending).
-  m.def("eigh_sy2sb(Tensor A, int band) -> (Tensor, Tensor)");
+  m.def("eigh_sy2sb(Tensor A, int band, bool lower_only=True) -> (Tensor, Tensor)");
   m.def("eigh_sb2st(Tensor B, int band) -> (Tensor, Tensor, Tensor)");
   m.def("eigh_stedc(Tensor d, Tensor e) -> (Tensor, Tensor)");
   m.def("eigh_stedc_factored(Tensor d, Tensor e, int top=0, int depth=1) -> (Tensor, Tensor, Tensor)");

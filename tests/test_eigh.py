@@ -101,10 +101,12 @@ def test_twostage_any_bandwidth_and_noncontiguous(band):
 @needs_cpp
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
 @pytest.mark.parametrize("n,b", [(3, 1), (50, 4), (130, 16), (64, 63), (600, 8), (777, 40)])
-def test_stage_dense_to_band(dtype, tol, n, b):
-    # (600, 8), (777, 40): several 256-column blocks of the lower-triangle trailing update
+@pytest.mark.parametrize("lower_only", [True, False], ids=["lower", "whole"])
+def test_stage_dense_to_band(dtype, tol, n, b, lower_only):
+    # (600, 8), (777, 40): several 256-column blocks of the lower-triangle trailing update (the
+    # CPU's); "whole": one GEMM per update (the CUDA path's)
     A = spd(n, "random", seed=n, dtype=dtype)
-    B, Q1 = OPS.eigh_sy2sb(A, b)
+    B, Q1 = OPS.eigh_sy2sb(A, b, lower_only)
     i = torch.arange(n)
     outside = B[(i[:, None] - i[None, :]).abs() > b]
     assert outside.numel() == 0 or float(outside.abs().max()) == 0  # banded

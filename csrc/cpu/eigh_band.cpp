@@ -127,15 +127,17 @@ at::Tensor larft(const at::Tensor& V, const at::Tensor& tau) {
   return T.to(V.options());
 }
 
-// Only the lower triangle of the trailing matrix is kept up to date, in column blocks of cb
-// columns (cb a multiple of b, aligned in absolute coordinates, so every block of the trailing
-// matrix on or below the block diagonal stays valid, diagonal blocks whole): the rank-2r update
-// costs half a full GEMM, and A22 V is a blocked symmetric product over the valid blocks.
-// Stale entries above the block diagonal are overwritten by later panels (R^T rows) or lie in
-// the band, which is mirrored from the lower part at the end.
-at::Tensor sy2sb(const at::Tensor& A_in, int64_t b, Sy2sbReflectors& refl) {
+// lower_only: only the lower triangle of the trailing matrix is kept up to date, in column
+// blocks of cb columns (cb a multiple of b, aligned in absolute coordinates, so every block of
+// the trailing matrix on or below the block diagonal stays valid, diagonal blocks whole): the
+// rank-2r update costs half a full GEMM, and A22 V is a blocked symmetric product over the valid
+// blocks. Stale entries above the block diagonal are overwritten by later panels (R^T rows) or
+// lie in the band, which is mirrored from the lower part at the end. Otherwise one column block
+// (cb >= n): A22 V and the update are one full GEMM each, twice the update's flops in ~m/cb
+// times fewer calls (on a GPU, where each call is a kernel launch).
+at::Tensor sy2sb(const at::Tensor& A_in, int64_t b, Sy2sbReflectors& refl, bool lower_only) {
   const int64_t n = A_in.size(0);
-  const int64_t cb = b * std::max<int64_t>(1, (256 + b - 1) / b);
+  const int64_t cb = lower_only ? b * std::max<int64_t>(1, (256 + b - 1) / b) : b * ((n + b - 1) / b);
   at::Tensor A = A_in.clone(at::MemoryFormat::Contiguous);
   for (int64_t k = 0; k + b < n - 1; k += b) {
     const int64_t r0 = k + b, m = n - r0;            // rows below the band

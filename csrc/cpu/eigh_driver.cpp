@@ -123,10 +123,10 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage(const at::Tensor& A_in, int64_t
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> sy2sb_op(const at::Tensor& A, int64_t band) {
+std::tuple<at::Tensor, at::Tensor> sy2sb_op(const at::Tensor& A, int64_t band, bool lower_only) {
   check_square(A, "eigh_sy2sb");
   Sy2sbReflectors r;
-  at::Tensor B = sy2sb(symmetrize(A), std::max<int64_t>(1, band), r);
+  at::Tensor B = sy2sb(symmetrize(A), std::max<int64_t>(1, band), r, lower_only);
   at::Tensor Q = at::eye(A.size(0), A.options());
   sy2sb_apply(r, Q);
   return {B, Q};

@@ -96,8 +96,10 @@ struct WYBlock {
 void apply_wy_blocks(const std::vector<WYBlock>& blocks, at::Tensor& Z);
 
 // Stage 1: A (n,n) float/double, overwritten by nothing (copied). Returns the band matrix as a
-// dense (n,n) tensor with zeros outside |i-j| <= b, plus the reflectors.
-at::Tensor sy2sb(const at::Tensor& A, int64_t b, Sy2sbReflectors& refl);
+// dense (n,n) tensor with zeros outside |i-j| <= b, plus the reflectors. lower_only: the
+// trailing updates keep only the lower triangle, in 256-column blocks (half the flops, many
+// more GEMM calls: the CPU's choice); else whole-matrix GEMMs (the GPU's).
+at::Tensor sy2sb(const at::Tensor& A, int64_t b, Sy2sbReflectors& refl, bool lower_only = true);
 // Z (n,k) <- Q1 Z, in place.
 void sy2sb_apply(const Sy2sbReflectors& refl, at::Tensor& Z);
 
@@ -130,7 +132,8 @@ Sb2stBlocks sb2st_blocks_alloc(int64_t n, int64_t b, const at::TensorOptions& op
 // d (n) and e (n-1) of the chased band buffer, on the host in double.
 void band_tridiagonal(const at::Tensor& band, std::vector<double>& d, std::vector<double>& e);
 // Z (n,k) <- Q2 Z with GEMMs on Z's device; T of each block from T^-1 = diag(1/tau) + striu(V^T V).
-void sb2st_blocks_apply(const Sb2stBlocks& q, at::Tensor& Z);
+// in_double: the blocks and the working copy of Z in float64 whatever Z's dtype.
+void sb2st_blocks_apply(const Sb2stBlocks& q, at::Tensor& Z, bool in_double = false);
 
 // The solver with a pluggable chase of the compact band buffer (stage 2), on A's device:
 // sy2sb -> pack_band -> chase(band, blocks) -> stedc_factored (host; its last product on A's device)
