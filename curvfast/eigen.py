@@ -16,9 +16,10 @@ its merge products on the GPU, GEMM back-transformations; batches on several str
 when curvfast._C was built with CUDA; its GEMMs run in full float32 whatever the TF32 setting
 (:func:`full_fp32_matmul`). ``"auto"`` picks
 by measurement (benchmarks/results/cpu_eigh.json, idle 2-core host, fp32): on the CPU the C++
-solver for single decompositions with n ≥ 3072 (n = 4096: 0.80x MKL's time) and for partial
-spectra with n ≥ 2048 and top ≤ n/4 (top 10% at 2048: 0.75x MKL's full solve); torch otherwise
-(MKL is faster below n ≈ 3000, 1.25x at 2048, and for batches of small matrices, 1.29x), and
+solver for single decompositions with n ≥ 3072 (n = 4096: 0.80-1.05x MKL's time, as MKL's own
+time varies from run to run) and for partial spectra with n ≥ 2048 and top ≤ n/4 (top 10% at
+2048: 0.75-0.81x MKL's full solve); torch otherwise (MKL is faster below n ≈ 3000, 1.22-1.29x at
+2048, and for batches of small matrices, 1.05-1.29x), and
 always on GPUs until the CUDA path has been measured there. A solve that fails or misses the
 accuracy check falls back to torch (see :func:`eigh`).
 """
