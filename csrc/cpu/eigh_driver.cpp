@@ -9,13 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cstdio>
-#include <cstdlib>
-#include <ctime>
-#include <exception>
-#include <mutex>
 #include <optional>
-#include <thread>
 
 
 namespace curvfast {

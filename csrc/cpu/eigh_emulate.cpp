@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> twostage_emulate_op(const at::Tensor& A, int6
   const int64_t n = A.size(0);
   HostStageClock clk;
   return eigh_twostage_blocked(
-      A, band > 0 ? band : (n >= 1536 ? 64 : 32), top,
+      A, band > 0 ? band : blocked_auto_band(n), top,
       [&](at::Tensor& buf, Sb2stBlocks& q) {
         AT_DISPATCH_FLOATING_TYPES(buf.scalar_type(), "eigh_twostage_emulate",
                                    [&] { chase_emulate<scalar_t>(buf, q, workers, (int)threads); });

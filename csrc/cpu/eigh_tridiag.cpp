@@ -204,6 +204,13 @@ struct MergeParts {
   std::vector<double> lam;           // the k new eigenvalues, then the deflated ones
 };
 
+// perm <- the ascending order of lam (stable).
+void sort_values(MergeParts& mp) {
+  mp.perm.resize(mp.lam.size());
+  std::iota(mp.perm.begin(), mp.perm.end(), 0);
+  std::stable_sort(mp.perm.begin(), mp.perm.end(), [&](int64_t a, int64_t b) { return mp.lam[a] < mp.lam[b]; });
+}
+
 MergeParts merge_parts(std::vector<double>& D, std::vector<double>& z, double rho, int64_t m, double eps_s,
                        at::ScalarType dt, const std::function<void(const Rotation&)>& rotate) {
   const int64_t n = (int64_t)D.size();
@@ -305,10 +312,20 @@ MergeParts merge_parts(std::vector<double>& D, std::vector<double>& z, double rh
   out.lam.resize(n);
   for (int64_t i = 0; i < k; ++i) out.lam[i] = dd[org[i]] + tau[i];
   for (size_t i = 0; i < out.defl.size(); ++i) out.lam[k + i] = D[out.defl[i]];
-  out.perm.resize(n);
-  std::iota(out.perm.begin(), out.perm.end(), 0);
-  std::stable_sort(out.perm.begin(), out.perm.end(), [&](int64_t a, int64_t b) { return out.lam[a] < out.lam[b]; });
+  sort_values(out);
   return out;
+}
+
+// A tear with rho = 0 (decoupled halves): nothing to solve, every column of the halves kept
+// ("deflated") and sorted.
+MergeParts decoupled_parts(const std::vector<double>& D) {
+  MergeParts mp;
+  const int64_t n = (int64_t)D.size();
+  mp.defl.resize(n);
+  std::iota(mp.defl.begin(), mp.defl.end(), 0);
+  mp.lam = D;
+  sort_values(mp);
+  return mp;
 }
 
 // The eigenvalues of the output columns (see selected), from the ascending order perm of lam.
@@ -468,13 +485,6 @@ at::Tensor dc_leaf(const double* d, const double* e, int64_t n, at::ScalarType d
   return Z.narrow(1, n - kd, kd).flip({1}).contiguous();
 }
 
-std::vector<int64_t> ascending(const std::vector<double>& v) {
-  std::vector<int64_t> perm(v.size());
-  std::iota(perm.begin(), perm.end(), 0);
-  std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) { return v[a] < v[b]; });
-  return perm;
-}
-
 // kd > 0: only the kd largest eigenpairs, largest first (the top-level call); else all, ascending.
 at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, double eps_s, std::vector<double>& w,
               bool split, int64_t kd) {
@@ -486,12 +496,9 @@ at::Tensor dc(const double* d, const double* e, int64_t n, at::ScalarType dt, do
   Q.narrow(0, m, n - m).narrow(1, m, n - m).copy_(h.right);
   h.left.reset(), h.right.reset();
   if (h.rho == 0) {
-    // Decoupled halves: just sort.
-    const std::vector<int64_t> perm = ascending(h.D);
-    std::vector<int64_t> all(n);
-    std::iota(all.begin(), all.end(), 0);
-    at::Tensor out = gather_columns(Q.narrow(1, 0, 0), Q, all, perm, kd);
-    output_values(h.D, perm, kd, w);
+    const MergeParts mp = decoupled_parts(h.D);
+    at::Tensor out = gather_columns(Q.narrow(1, 0, 0), Q, mp.defl, mp.perm, kd);
+    output_values(mp.lam, mp.perm, kd, w);
     return out;
   }
   return merge(h.D, h.z, h.rho, Q, m, eps_s, w, kd);
@@ -514,17 +521,10 @@ StedcFactored factored(const double* d, const double* e, int64_t n, at::ScalarTy
       [](const StedcFactored& c, int64_t r) { return c.row(r); });
   f.left = std::make_shared<StedcFactored>(std::move(h.left));
   f.right = std::make_shared<StedcFactored>(std::move(h.right));
-  if (h.rho == 0) {
-    MergeParts mp;  // decoupled halves: every column "deflated", just sorted
-    mp.perm = ascending(h.D);
-    mp.defl.resize(n);
-    std::iota(mp.defl.begin(), mp.defl.end(), 0);
-    f.ST = merge_coefficients(n, mp, {}, kd, dt);
-    output_values(h.D, mp.perm, kd, w);
-    return f;
-  }
   std::vector<Rotation> rots;
-  MergeParts mp = merge_parts(h.D, h.z, h.rho, h.m, eps_s, dt, [&](const Rotation& g) { rots.push_back(g); });
+  const MergeParts mp = h.rho == 0 ? decoupled_parts(h.D)
+                                   : merge_parts(h.D, h.z, h.rho, h.m, eps_s, dt,
+                                                 [&](const Rotation& g) { rots.push_back(g); });
   f.ST = merge_coefficients(n, mp, rots, kd, dt);
   output_values(mp.lam, mp.perm, kd, w);
   return f;

@@ -136,12 +136,15 @@ void band_tridiagonal(const at::Tensor& band, std::vector<double>& d, std::vecto
 void sb2st_blocks_apply(const Sb2stBlocks& q, at::Tensor& Z, bool in_double = false);
 
 // The solver with a pluggable chase of the compact band buffer (stage 2), on A's device:
-// sy2sb -> pack_band -> chase(band, blocks) -> stedc_factored (host; its last product on A's device)
-// -> sb2st_blocks_apply -> sy2sb_apply.
+// sy2sb -> pack_band -> chase(band, blocks) -> stedc_factored (host; its merge products on A's
+// device) -> sb2st_blocks_apply -> sy2sb_apply.
 // The CUDA driver passes the kernel, the CPU emulation (eigh_emulate.cpp) its emulation, so this
 // sequence is tested on the CPU. `lap` (may be empty) is called after each stage with its name.
 // b >= 1 is the bandwidth (resolved by the caller); eigenvalues descending, top as eigh_twostage.
 using ChaseFn = std::function<void(at::Tensor& band, Sb2stBlocks& q)>;
+// The bandwidth eigh_twostage_blocked runs with when the caller asks for none (band <= 0): the
+// CUDA driver's rule, which its CPU emulation follows.
+inline int64_t blocked_auto_band(int64_t n) { return n >= 1536 ? 64 : 32; }
 std::tuple<at::Tensor, at::Tensor> eigh_twostage_blocked(const at::Tensor& A, int64_t b, int64_t top,
                                                          const ChaseFn& chase,
                                                          const std::function<void(const char*)>& lap = {});

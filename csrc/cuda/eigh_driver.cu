@@ -31,9 +31,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <vector>
 
 #include "../cpu/eigh_twostage.h"
@@ -51,25 +48,6 @@ void check_cuda_square(const at::Tensor& A, const char* what) {
   TORCH_CHECK(A.is_cuda(), what, " (cuda): expected a CUDA tensor, got ", A.device());
 }
 
-// CURVFAST_EIGH_PROFILE=1: synchronize after each stage and print its time.
-struct StageClock {
-  bool on = std::getenv("CURVFAST_EIGH_PROFILE") != nullptr;
-  cudaStream_t stream;
-  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
-  explicit StageClock(cudaStream_t s) : stream(s) {}
-  void lap(const char* what, int64_t n) {
-    if (!on) return;
-    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-    const auto now = std::chrono::steady_clock::now();
-    std::fprintf(stderr, "eigh_twostage[cuda] n=%lld %-12s %.3f s\n", (long long)n, what,
-                 std::chrono::duration<double>(now - t).count());
-    t = now;
-  }
-};
-
-// The same rule as the CPU driver: wider bands make stage 1 more GEMM-rich and stage 2 costlier.
-int64_t auto_band(int64_t n) { return n >= 1536 ? 64 : 32; }
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> eigh_twostage_cuda(const at::Tensor& A_in, int64_t band, int64_t top) {
@@ -77,20 +55,23 @@ std::tuple<at::Tensor, at::Tensor> eigh_twostage_cuda(const at::Tensor& A_in, in
   const c10::cuda::CUDAGuard guard(A_in.device());
   const int64_t n = A_in.size(0);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(A_in.get_device()).stream();
-  StageClock clk(stream);
+  HostStageClock clk;
   return eigh_twostage_blocked(
-      A_in, band > 0 ? band : auto_band(n), top,
+      A_in, band > 0 ? band : blocked_auto_band(n), top,
       [stream](at::Tensor& buf, Sb2stBlocks& q) { chase_band_cuda(buf, q, stream); },
-      [&clk, n](const char* what) { clk.lap(what, n); });
+      [&clk, n, stream](const char* what) {
+        if (clk.on) C10_CUDA_CHECK(cudaStreamSynchronize(stream));  // a stage's time includes its kernels
+        clk.lap(what, n);
+      });
 }
 
 namespace {
 
 // Several decompositions in flight: `workers` host threads (default min(m, 4); the caller's
 // thread is one of them), each with its own pool stream, pull jobs largest first (n^3 cost,
-// longest-processing-time-first). The pool streams wait for the caller's stream before starting; results are recorded on the caller's
-// stream so the caching allocator does not reuse them early, and every worker stream is
-// synchronized before returning.
+// longest-processing-time-first). The pool streams wait for the caller's stream before
+// starting; results are recorded on the caller's stream so the caching allocator does not reuse
+// them early, and every worker stream is synchronized before returning.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> batched_cuda(at::TensorList As, int64_t band,
                                                                            int64_t top, int64_t workers) {
   const int64_t m = (int64_t)As.size();
